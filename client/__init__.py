@@ -1,0 +1,15 @@
+"""poolbroker_client: what applications import.
+
+``ConnectionPool`` is a psycopg_pool-style pool whose connections are leased from a
+poolbroker broker, so every process of an application shares one PostgreSQL
+connection budget. Connections are ordinary direct psycopg2 connections.
+"""
+
+import logging
+
+from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout
+from .pool import ConnectionPool
+
+logging.getLogger("poolbroker_client").addHandler(logging.NullHandler())
+
+__all__ = ["BrokerError", "ConnectionPool", "PoolClosed", "PoolError", "PoolTimeout"]

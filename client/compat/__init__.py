@@ -1,0 +1,1 @@
+"""Drop-in replacements for existing pools (psycopg2.pool, psycopg2-pool)."""

@@ -1,0 +1,443 @@
+"""LeaseClient: this process's link to the broker.
+
+One I/O thread per process (per broker URL) owns the ZeroMQ DEALER socket; ZeroMQ
+sockets are not thread-safe, so application threads never touch it. They queue a
+message, poke the I/O thread through a pipe and wait on their own deadline. The I/O
+thread sends heartbeats, reconnects (ZeroMQ retries with backoff by itself),
+re-announces held leases when the broker does not know us (restart, expiry),
+hands grants and errors to callbacks, and acts on recalls.
+
+A grant that arrives for a request nobody waits for any more is released at once,
+so a lease is never lost between a caller's timeout and the broker's answer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Dict, List, Optional
+
+import zmq
+
+from poolbroker import protocol as p
+
+from .errors import BrokerError
+
+log = logging.getLogger("poolbroker_client")
+
+Callback = Callable[["LeaseRequest", Optional[int], Optional[BaseException]], None]
+
+
+class LeaseRequest:
+    """One outstanding ``acquire``. Exactly one of these happens: the callback runs
+    (grant or error, from the I/O thread), or :meth:`LeaseClient.cancel` returns True."""
+
+    __slots__ = ("rid", "pool", "deadline", "callback", "done", "hello_gen", "created")
+
+    def __init__(self, rid: int, pool: str, deadline: float, callback: Callback, gen: int) -> None:
+        self.rid = rid
+        self.pool = pool
+        self.deadline = deadline
+        self.callback = callback
+        self.done = False
+        self.hello_gen = gen
+        self.created = time.monotonic()
+
+
+class LeaseClient:
+    """The process-wide link to one broker. Get it with :meth:`for_url`."""
+
+    _registry: Dict[str, "LeaseClient"] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def for_url(cls, url: str) -> "LeaseClient":
+        """The client for ``url`` in this process (a new one after ``fork()``)."""
+        with cls._registry_lock:
+            client = cls._registry.get(url)
+            if client is None or client._pid != os.getpid():
+                client = cls._registry[url] = cls(url)
+            return client
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._rids = itertools.count(1)
+        self._outbox: List[bytes] = []
+        self._requests: Dict[int, LeaseRequest] = {}
+        self._leases: Dict[int, str] = {}  # lease id -> pool name
+        self._lost: set = set()
+        self._debt: Dict[str, int] = {}  # pool -> leases the broker wants back
+        self._pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._hello_gen = 0
+        self._welcomed_gen = 0
+        self._heartbeat = 1.0
+        self.epoch: Optional[str] = None
+        self.last_reply: Optional[float] = None  # monotonic time of the last broker message
+        self.started: Optional[float] = None
+        self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}".encode()
+
+    # ------------------------------------------------------------- any thread
+
+    def register(self, pool: Any) -> None:
+        """Pools register so that recalls and lost leases reach them."""
+        self._pools.add(pool)
+
+    def unregister(self, pool: Any) -> None:
+        self._pools.discard(pool)
+
+    def acquire(self, pool: str, timeout: float, callback: Callback) -> LeaseRequest:
+        """Ask for a lease in ``pool``; ``callback(req, lease, error)`` runs on the
+        I/O thread when the broker answers, unless :meth:`cancel` wins first."""
+        with self._lock:
+            self._ensure_started()
+            req = LeaseRequest(next(self._rids), pool, time.monotonic() + timeout, callback,
+                               self._hello_gen)
+            self._requests[req.rid] = req
+            self._outbox.append(p.encode("acquire", rid=req.rid, pool=pool, timeout=timeout))
+        self._wake()
+        return req
+
+    def cancel(self, req: LeaseRequest) -> bool:
+        """Withdraw ``req``. True if it took effect (the callback will not run); a
+        grant that is already on its way will be released on arrival."""
+        with self._lock:
+            if req.done:
+                return False
+            req.done = True
+            self._requests.pop(req.rid, None)
+            self._outbox.append(p.encode("cancel", rid=req.rid))
+        self._wake()
+        return True
+
+    def release(self, lease: int) -> None:
+        """Give ``lease`` back. Only call this once the server has seen the
+        connection close (see :mod:`poolbroker_client.closing`)."""
+        with self._lock:
+            pool = self._leases.pop(lease, None)
+            self._lost.discard(lease)
+            if pool is None:
+                return  # lost or already released: the broker does not count it
+            self._outbox.append(p.encode("release", lease=lease))
+        self._wake()
+
+    def forget(self, lease: int) -> None:
+        """Drop a lease the broker no longer knows (no release is sent)."""
+        with self._lock:
+            self._leases.pop(lease, None)
+            self._lost.discard(lease)
+
+    def connected(self, lease: int, backend_pid: int) -> None:
+        """Tell the broker which backend serves ``lease`` (sent with the next batch;
+        nobody waits for it)."""
+        with self._lock:
+            self._outbox.append(p.encode("connected", lease=lease, backend_pid=backend_pid))
+        self._wake()
+
+    def take_recall(self, pool: str) -> bool:
+        """True (and one less owed) if the broker wants a lease of ``pool`` back."""
+        if not self._debt.get(pool):  # the hot path: a dict read, no lock
+            return False
+        with self._lock:
+            if self._debt.get(pool, 0) > 0:
+                self._debt[pool] -= 1
+                return True
+            return False
+
+    def recall_owed(self, pool: str) -> int:
+        return self._debt.get(pool, 0)
+
+    def is_lost(self, lease: int) -> bool:
+        return lease in self._lost
+
+    def describe_broker(self) -> str:
+        """A phrase for error messages: is the broker answering?"""
+        now = time.monotonic()
+        if self.last_reply is None:
+            waited = now - self.started if self.started else 0.0
+            return f"broker {self.url} has not answered at all ({waited:.1f}s since first contact)"
+        return f"broker {self.url} last answered {now - self.last_reply:.1f}s ago"
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Say bye (the broker drops whatever we still hold) and stop the thread."""
+        with self._lock:
+            if self._thread is None or self._stopping:
+                return
+            self._stopping = True
+            self._outbox.append(p.encode("bye"))
+        self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------- internals
+
+    def _ensure_started(self) -> None:
+        # Called with the lock held. Started lazily so that a pool created before
+        # fork() (gunicorn --preload) has no thread or socket to inherit.
+        if self._thread is not None:
+            return
+        self.started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"poolbroker-io-{self.url}",
+                                        daemon=True)
+        self._thread.start()
+        _on_first_start()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the I/O thread is awake anyway
+
+    def _hello(self) -> bytes:
+        self._hello_gen += 1
+        leases = [[lease, pool] for lease, pool in self._leases.items()]
+        return p.encode("hello", pid=os.getpid(), host=socket.gethostname(),
+                        name=_process_name(), leases=leases)
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        sock.connect(self.url)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        with self._lock:
+            self._outbox.insert(0, self._hello())
+        next_beat = time.monotonic() + self._heartbeat
+        try:
+            while True:
+                wait = max(0.0, next_beat - time.monotonic())
+                events = dict(poller.poll(int(wait * 1000) + 1))
+                if self._wake_r.fileno() in events:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                with self._lock:
+                    outbox, self._outbox = self._outbox, []
+                    stopping = self._stopping
+                for frame in outbox:
+                    sock.send(frame)
+                if stopping:
+                    break
+                if sock in events:
+                    while True:
+                        try:
+                            frame = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frame(frame)
+                if time.monotonic() >= next_beat:
+                    sock.send(self._heartbeat_frame())
+                    next_beat = time.monotonic() + self._heartbeat
+        except Exception:
+            log.exception("poolbroker client I/O thread for %s died", self.url)
+        finally:
+            sock.close()  # linger lets the bye go out
+            ctx.term()
+
+    def _heartbeat_frame(self) -> bytes:
+        idle: Dict[str, int] = {}
+        for pool in list(self._pools):
+            name, n = pool._idle_count()
+            idle[name] = idle.get(name, 0) + n
+        with self._lock:
+            leases = list(self._leases)
+        return p.encode("heartbeat", idle=idle, leases=leases)
+
+    def _on_frame(self, frame: bytes) -> None:
+        try:
+            msg = p.decode(frame, p.BROKER_OPS)
+        except p.ProtocolError as exc:
+            log.warning("unreadable message from broker %s: %s", self.url, exc.message)
+            return
+        self.last_reply = time.monotonic()
+        op = msg["op"]
+        if op == "grant":
+            self._on_grant(msg["rid"], msg["pool"], msg["lease"])
+        elif op == "error":
+            self._on_error(msg["rid"], msg["code"], msg["message"])
+        elif op == "recall":
+            self._on_recall(msg["pool"], msg["count"])
+        elif op == "welcome":
+            self._on_welcome(msg)
+        elif op == "hb":
+            self._on_lost(msg["unknown"])
+
+    def _on_grant(self, rid: int, pool: str, lease: int) -> None:
+        with self._lock:
+            req = self._requests.pop(rid, None)
+            if req is None or req.done:
+                # Nobody waits for it (timed out, cancelled) or a duplicate grant
+                # of a retried request: give it straight back unless we use it.
+                if lease not in self._leases:
+                    self._outbox.append(p.encode("release", lease=lease))
+                return
+            req.done = True
+            self._leases[lease] = pool
+        _run_callback(req, lease, None)
+
+    def _on_error(self, rid: Optional[int], code: str, message: str) -> None:
+        if code == p.E_UNKNOWN_CLIENT:
+            # The broker does not know us: it restarted, or it expired us. Say
+            # hello again with what we hold; outstanding requests are re-sent
+            # (same rid, so they stay idempotent) once it has welcomed us.
+            with self._lock:
+                if self._hello_pending():
+                    return
+                self._outbox.append(self._hello())
+            self._wake()
+            return
+        if rid is None:
+            log.warning("broker %s: %s (%s)", self.url, message, code)
+            return
+        with self._lock:
+            req = self._requests.pop(rid, None)
+            if req is None or req.done:
+                return
+            req.done = True
+        _run_callback(req, None, BrokerError(code, message))
+
+    def _hello_pending(self) -> bool:
+        return self._hello_gen > self._welcomed_gen
+
+    def _on_welcome(self, msg: Dict[str, Any]) -> None:
+        if self.epoch is not None and msg["epoch"] != self.epoch:
+            log.warning("broker %s restarted (epoch %s -> %s); re-announced %d lease(s)",
+                        self.url, self.epoch, msg["epoch"], len(self._leases))
+        self.epoch = msg["epoch"]
+        self._heartbeat = max(0.05, float(msg["heartbeat"]))
+        now = time.monotonic()
+        with self._lock:
+            self._welcomed_gen = self._hello_gen
+            for req in self._requests.values():
+                if not req.done and req.hello_gen < self._hello_gen:
+                    left = req.deadline - now
+                    if left > 0:
+                        req.hello_gen = self._hello_gen
+                        self._outbox.append(p.encode("acquire", rid=req.rid, pool=req.pool,
+                                                     timeout=left))
+        self._wake()
+        if msg["rejected"]:
+            self._on_lost(msg["rejected"])
+
+    def _on_recall(self, pool: str, count: int) -> None:
+        with self._lock:
+            self._debt[pool] = count
+        if count:
+            for owner in list(self._pools):
+                if owner._broker_pool == pool:
+                    owner._on_recall()
+
+    def _on_lost(self, leases: List[int]) -> None:
+        if not leases:
+            return
+        with self._lock:
+            lost = [lease for lease in leases if lease in self._leases]
+            for lease in lost:
+                del self._leases[lease]
+                self._lost.add(lease)
+        if lost:
+            log.warning("broker %s no longer knows %d lease(s) of ours (expired?); "
+                        "their connections will be closed", self.url, len(lost))
+            for owner in list(self._pools):
+                owner._on_lost(set(lost))
+
+
+def _run_callback(req: LeaseRequest, lease: Optional[int], error: Optional[BaseException]) -> None:
+    try:
+        req.callback(req, lease, error)
+    except Exception:
+        log.exception("lease callback failed")
+
+
+def _process_name() -> str:
+    try:
+        import multiprocessing
+
+        name = multiprocessing.current_process().name
+        return "" if name == "MainProcess" else name
+    except Exception:
+        return ""
+
+
+# --------------------------------------------------------------- process life
+
+_live_pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_exit_hooked_pid = 0
+
+
+def track_pool(pool: Any) -> None:
+    _live_pools.add(pool)
+
+
+def _on_first_start() -> None:
+    """Once per process: make sure leases go back when the process exits.
+
+    atexit covers ordinary exits. multiprocessing children end with ``os._exit``,
+    which skips atexit, but they run multiprocessing's finalizers first."""
+    global _exit_hooked_pid
+    if _exit_hooked_pid == os.getpid():
+        return
+    _exit_hooked_pid = os.getpid()
+    try:
+        import multiprocessing
+        import multiprocessing.util
+
+        if multiprocessing.parent_process() is not None:
+            multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
+    except Exception:
+        pass
+
+
+def shutdown() -> None:
+    """Close every pool of this process and say bye to every broker. Runs at exit;
+    idempotent."""
+    for pool in list(_live_pools):
+        try:
+            pool._close_at_exit()
+        except Exception:
+            log.exception("closing pool at exit")
+    for client in list(LeaseClient._registry.values()):
+        if client._pid == os.getpid():
+            client.close()
+
+
+def _after_fork_in_child() -> None:
+    # The child must not touch the parent's socket, thread or connections. Drop
+    # the clients (their sockets belong to the parent; pyzmq skips closing them
+    # in a child) and let every pool forget what it inherited.
+    LeaseClient._registry_lock = threading.Lock()
+    _graveyard.extend(LeaseClient._registry.values())
+    LeaseClient._registry = {}
+    for pool in list(_live_pools):
+        try:
+            pool._after_fork_in_child()
+        except Exception:
+            log.exception("resetting a pool after fork")
+
+
+_graveyard: List[LeaseClient] = []  # kept alive so nothing is finalized in the child
+
+atexit.register(shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

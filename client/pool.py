@@ -1,0 +1,720 @@
+"""ConnectionPool: a psycopg_pool-style pool whose connections live inside leases.
+
+Every connection the pool opens sits inside a lease granted by the broker, so the
+total across all processes never exceeds the broker's budget. The hot path (an idle
+connection is here) touches no socket. The cold path asks the broker for a lease
+(one round trip), connects, and tells the broker the backend pid without waiting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from . import closing
+from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout
+from .leases import LeaseClient, LeaseRequest, track_pool
+
+log = logging.getLogger("poolbroker_client")
+
+_STATUS_OK = ext.TRANSACTION_STATUS_IDLE
+_STATUS_ROLLBACK = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
+
+
+class _Conn:
+    """A pooled connection and what the pool knows about it."""
+
+    __slots__ = ("conn", "lease", "fd", "created", "returned", "expires", "in_use")
+
+    def __init__(self, conn: Any, lease: int, fd: Optional[int], expires: float) -> None:
+        self.conn = conn
+        self.lease = lease
+        self.fd = fd
+        self.created = self.returned = time.monotonic()
+        self.expires = expires
+        self.in_use = True
+
+
+class _Waiter:
+    """A thread waiting in getconn(). Served by exactly one of: a returned
+    connection (``conn``), a granted lease (``lease``), or an error."""
+
+    __slots__ = ("event", "deadline", "done", "conn", "lease", "error", "req", "warm")
+
+    def __init__(self, deadline: float, warm: bool = False) -> None:
+        self.warm = warm  # opened by the janitor for min_size, not by a caller
+        self.event = threading.Event()
+        self.deadline = deadline
+        self.done = False
+        self.conn: Optional[_Conn] = None
+        self.lease: Optional[int] = None
+        self.error: Optional[BaseException] = None
+        self.req: Optional[LeaseRequest] = None
+
+
+class ConnectionPool:
+    """A pool of psycopg2 connections inside the broker's budget.
+
+    :param conninfo: libpq connection string (or URL) for ``psycopg2.connect``.
+    :param broker: the broker's ZeroMQ endpoint; default ``$POOLBROKER_URL``.
+    :param pool: the broker pool (budget) to lease from; default
+        ``$POOLBROKER_POOL``, then ``"default"``.
+    :param min_size: connections kept open (and leased) even when idle.
+    :param max_size: this process's own cap; ``None`` for no local cap (the
+        broker's budget still applies).
+    :param timeout: default seconds :meth:`getconn` waits, covering both the wait
+        for a lease and the connect.
+    :param max_idle: seconds an idle connection above ``min_size`` is kept before
+        it is closed and its lease given back.
+    :param max_lifetime: seconds after which a connection is replaced.
+    :param kwargs: extra keyword arguments for ``psycopg2.connect``.
+    :param configure: called with each new connection before first use.
+    :param reset: called with each connection handed back (after any rollback).
+    :param name: the pool's name in logs and stats; default ``pool-N``.
+    :param open: open at once (default); otherwise call :meth:`open`.
+
+    Use it like psycopg_pool::
+
+        with ConnectionPool("dbname=app", min_size=1, max_size=5) as pool:
+            with pool.connection() as conn:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+    """
+
+    _counter = itertools.count(1)
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        broker: Optional[str] = None,
+        pool: Optional[str] = None,
+        min_size: int = 0,
+        max_size: Optional[int] = None,
+        timeout: float = 30.0,
+        max_idle: float = 600.0,
+        max_lifetime: float = 3600.0,
+        kwargs: Optional[Dict[str, Any]] = None,
+        configure: Optional[Callable[[Any], None]] = None,
+        reset: Optional[Callable[[Any], None]] = None,
+        name: Optional[str] = None,
+        open: bool = True,
+        close_timeout: float = 10.0,
+    ) -> None:
+        if min_size < 0:
+            raise ValueError("min_size must be >= 0")
+        if max_size is not None and max_size < max(1, min_size):
+            raise ValueError("max_size must be >= min_size and >= 1")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.conninfo = conninfo
+        self.kwargs: Dict[str, Any] = dict(kwargs or {})
+        self.broker = broker or os.environ.get("POOLBROKER_URL") or ""
+        if not self.broker:
+            raise PoolError("no broker address: pass broker=... or set POOLBROKER_URL")
+        self._broker_pool = pool or os.environ.get("POOLBROKER_POOL") or "default"
+        self.min_size = min_size
+        self.max_size = max_size
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self.max_lifetime = max_lifetime
+        self.close_timeout = close_timeout
+        self._configure = configure
+        self._reset = reset
+        self.name = name or f"pool-{next(self._counter)}"
+        self._init_state()
+        self._closed = True
+        track_pool(self)
+        if open:
+            self.open()
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # wait() and the janitor
+        self._idle: Deque[_Conn] = deque()
+        self._all: Dict[int, _Conn] = {}  # id(conn) -> _Conn, idle or in use
+        self._waiting: Deque[_Waiter] = deque()
+        self._opening = 0  # leases granted, connection being opened
+        self._pending = 0  # lease requests outstanding at the broker
+        self._closing = 0  # closed, waiting for the server to see it before release
+        self._jobs: Deque[Tuple[_Conn, str]] = deque()  # connections for the janitor to close
+        self._janitor: Optional[threading.Thread] = None
+        self._warming = False
+        self._warm_backoff = 0.0
+        self._client: Optional[LeaseClient] = None
+        self._stats: Dict[str, float] = dict.fromkeys(_STAT_COUNTERS, 0)
+
+    # ----------------------------------------------------------------- public
+
+    @property
+    def pool(self) -> str:
+        """The broker pool (budget) this pool leases from."""
+        return self._broker_pool
+
+    @property
+    def closed(self) -> bool:
+        """True if the pool is closed (or was never opened)."""
+        return self._closed
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Open the pool: start keeping ``min_size`` connections. With ``wait``,
+        block until they are open (see :meth:`wait`)."""
+        with self._lock:
+            if not self._closed:
+                return
+            self._closed = False
+            if self.min_size:
+                self._start_janitor_locked()
+        log.info("%s: opened (broker %s, pool %r, min_size %d, max_size %s)", self.name,
+                 self.broker, self._broker_pool, self.min_size, self.max_size)
+        if wait:
+            self.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until ``min_size`` connections are open; :class:`PoolTimeout` if
+        that takes longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._all) < self.min_size:
+                self._check_open()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PoolTimeout(
+                        f"{self.name}: {len(self._all)} of min_size {self.min_size} connections "
+                        f"open after {timeout:g}s ({self._lease_client().describe_broker()})")
+                self._cond.wait(left)
+
+    def getconn(self, timeout: Optional[float] = None) -> Any:
+        """Take a connection; hand it back with :meth:`putconn`.
+
+        Waits up to ``timeout`` seconds (default: the pool's ``timeout``) for a
+        connection to come back or a lease to be granted, then raises
+        :class:`PoolTimeout`. Database errors on connect are raised as they are,
+        and the lease goes back at once.
+        """
+        start = time.monotonic()
+        if timeout is None:
+            timeout = self.timeout
+        with self._lock:
+            self._check_open()
+            self._stats["requests_num"] += 1
+            if self._idle:
+                c = self._idle.pop()  # LIFO: the spare ones at the left age out
+                c.in_use = True
+                return c.conn
+            waiter = _Waiter(start + timeout)
+            self._waiting.append(waiter)
+            self._stats["requests_queued"] += 1
+            self._grow_locked()
+        return self._wait(waiter, start, timeout)
+
+    def putconn(self, conn: Any) -> None:
+        """Hand back a connection from :meth:`getconn`.
+
+        A transaction left open is rolled back; a closed or broken connection is
+        discarded and its lease given back once the server has seen it close.
+        """
+        with self._lock:
+            c = self._all.get(id(conn))
+            if c is None or c.conn is not conn:
+                raise PoolError(f"can't return connection to pool {self.name!r}, "
+                                "it doesn't come from it")
+            if not c.in_use:
+                raise PoolError(f"{self.name}: connection returned twice")
+            c.in_use = False
+        reason = self._check_returned(c)
+        if reason:
+            self._discard(c, reason)
+        else:
+            self._give_back(c)
+
+    @contextmanager
+    def connection(self, timeout: Optional[float] = None) -> Iterator[Any]:
+        """``with pool.connection() as conn:`` commits on success, rolls back on
+        error, and gives the connection back to the pool either way."""
+        conn = self.getconn(timeout)
+        try:
+            with conn:
+                yield conn
+        finally:
+            self.putconn(conn)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool: waiting callers get :class:`PoolClosed`, idle connections
+        are closed and their leases given back; connections in use are closed when
+        they come back."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            for c in idle:
+                del self._all[id(c.conn)]
+            self._closing += len(idle)
+            waiters = list(self._waiting)
+            self._waiting.clear()
+            for w in waiters:
+                self._fail_locked(w, PoolClosed(f"the pool {self.name!r} is closed"))
+            janitor = self._janitor
+            self._cond.notify_all()
+        for c in idle:
+            self._close_and_release(c, "pool closed")
+        if janitor is not None and janitor is not threading.current_thread():
+            janitor.join(timeout)
+        log.info("%s: closed", self.name)
+
+    def __enter__(self) -> "ConnectionPool":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name!r} broker={self.broker!r} "
+                f"pool={self._broker_pool!r} size={len(self._all)} idle={len(self._idle)} "
+                f"waiting={len(self._waiting)} {'closed' if self._closed else 'open'}>")
+
+    def get_stats(self) -> Dict[str, Any]:
+        """Figures like psycopg_pool's, plus the lease figures: ``leases_held``
+        (connections open, opening or closing), ``leases_requested`` (asks
+        outstanding at the broker), ``leases_recalled``, ``leases_lost``."""
+        with self._lock:
+            stats: Dict[str, Any] = {
+                "pool_min": self.min_size,
+                "pool_max": self.max_size or 0,
+                "pool_size": len(self._all) + self._opening,
+                "pool_available": len(self._idle),
+                "requests_waiting": len(self._waiting),
+                "leases_held": len(self._all) + self._opening + self._closing,
+                "leases_requested": self._pending,
+            }
+            for key, value in self._stats.items():
+                stats[key] = int(value)
+        return stats
+
+    def pop_stats(self) -> Dict[str, Any]:
+        """Like :meth:`get_stats`, and reset the counters."""
+        stats = self.get_stats()
+        with self._lock:
+            self._stats = dict.fromkeys(_STAT_COUNTERS, 0)
+        return stats
+
+    # ----------------------------------------------------------------- waiting
+
+    def _lease_client(self) -> LeaseClient:
+        client = self._client
+        if client is None:
+            client = self._client = LeaseClient.for_url(self.broker)
+            client.register(self)
+        return client
+
+    def _capacity_left(self) -> float:
+        if self.max_size is None:
+            return float("inf")
+        return self.max_size - (len(self._all) + self._opening + self._pending + self._closing)
+
+    def _grow_locked(self) -> None:
+        """Ask for leases for waiters that have none, as the local cap allows."""
+        for w in self._waiting:
+            if w.req is not None or w.done:
+                continue
+            if self._capacity_left() <= 0:
+                return
+            left = w.deadline - time.monotonic()
+            if left <= 0:
+                continue
+            self._pending += 1
+            w.req = self._lease_client().acquire(
+                self._broker_pool, left,
+                lambda req, lease, err, w=w: self._on_lease(w, req, lease, err))
+
+    def _on_lease(self, w: _Waiter, req: LeaseRequest, lease: Optional[int],
+                  error: Optional[BaseException]) -> None:
+        # Runs on the I/O thread: no blocking here.
+        spare = None
+        with self._lock:
+            self._pending -= 1
+            if w.req is req:
+                w.req = None
+            if error is not None:
+                if not w.done:
+                    self._unqueue(w)
+                    self._fail_locked(w, error)
+                self._grow_locked()
+                return
+            target = None
+            if not self._closed:
+                # If this waiter was served meanwhile, the lease serves the next one.
+                target = w if not w.done else next(iter(self._waiting), None)
+            if target is None:
+                spare = lease
+            else:
+                self._unqueue(target)
+                if target is not w:
+                    self._cancel_req_locked(target)
+                target.lease = lease
+                target.done = True
+                self._opening += 1
+                target.event.set()
+        if spare is not None:
+            self._lease_client().release(spare)
+
+    def _unqueue(self, w: _Waiter) -> None:
+        if not w.warm:
+            self._waiting.remove(w)
+
+    def _wait(self, w: _Waiter, start: float, timeout: float) -> Any:
+        w.event.wait(max(0.0, w.deadline - time.monotonic()))
+        with self._lock:
+            if not w.done:
+                w.done = True
+                self._waiting.remove(w)
+                self._cancel_req_locked(w)
+                self._stats["requests_errors"] += 1
+                self._stats["requests_wait_ms"] += (time.monotonic() - start) * 1000
+                message = self._timeout_message(timeout)
+                self._grow_locked()
+            else:
+                message = None
+                self._stats["requests_wait_ms"] += (time.monotonic() - start) * 1000
+        if message is not None:
+            raise PoolTimeout(message)
+        if w.conn is not None:
+            return w.conn.conn
+        if w.error is not None:
+            if isinstance(w.error, BrokerError) and w.error.code == "timeout":
+                raise PoolTimeout(f"couldn't get a connection after {timeout:g}s: "
+                                  f"{self._where()}: {w.error}")
+            raise w.error
+        assert w.lease is not None
+        return self._open_leased(w.lease, w.deadline, for_caller=True)
+
+    def _timeout_message(self, timeout: float) -> str:
+        client = self._lease_client()
+        silent = client.last_reply is None or time.monotonic() - client.last_reply > 3.0
+        if silent:
+            why = f"the broker does not answer: {client.describe_broker()}"
+        else:
+            local = "" if self.max_size is None else f", local max_size {self.max_size}"
+            why = (f"the budget is full ({len(self._waiting)} other request(s) waiting here, "
+                   f"{len(self._all)} connection(s) held here{local})")
+        return f"couldn't get a connection after {timeout:g}s: {self._where()}: {why}"
+
+    def _where(self) -> str:
+        return f"pool {self.name!r} (broker {self.broker}, pool {self._broker_pool!r})"
+
+    def _cancel_req_locked(self, w: _Waiter) -> None:
+        if w.req is not None:
+            if self._lease_client().cancel(w.req):
+                self._pending -= 1
+            w.req = None
+
+    def _fail_locked(self, w: _Waiter, error: BaseException) -> None:
+        w.error = error
+        w.done = True
+        self._cancel_req_locked(w)
+        w.event.set()
+
+    # ----------------------------------------------------------------- connecting
+
+    def _open_leased(self, lease: int, deadline: float, for_caller: bool) -> Any:
+        """Connect inside ``lease``. On failure the lease goes back at once (no
+        server connection exists, so nothing to wait for)."""
+        client = self._lease_client()
+        t0 = time.monotonic()
+        conn = None
+        try:
+            conn = psycopg2.connect(self.conninfo, **self._connect_kwargs(deadline))
+            fd = closing.watch(conn)
+            client.connected(lease, conn.get_backend_pid())
+            if self._configure is not None:
+                self._configure(conn)
+                status = conn.get_transaction_status()
+                if status != _STATUS_OK:
+                    raise PoolError(f"{self.name}: configure() left the connection in "
+                                    f"transaction status {status}; discarded")
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+                self._stats["connections_errors"] += 1
+                self._grow_locked()
+            if conn is not None:
+                closing.close_and_wait(conn, closing.watch(conn) if not conn.closed else None,
+                                       self.close_timeout)
+            client.release(lease)
+            raise
+        lifetime = self.max_lifetime * random.uniform(0.95, 1.0)  # spread the replacements
+        c = _Conn(conn, lease, fd, t0 + lifetime)
+        with self._lock:
+            self._opening -= 1
+            self._all[id(conn)] = c
+            self._stats["connections_num"] += 1
+            self._stats["connections_ms"] += (time.monotonic() - t0) * 1000
+            closed = self._closed
+            self._cond.notify_all()
+        if closed:
+            self._discard(c, "pool closed while connecting")
+            raise PoolClosed(f"the pool {self.name!r} is closed")
+        if not for_caller:
+            c.in_use = False
+            self._give_back(c)
+        return conn
+
+    def _connect_kwargs(self, deadline: float) -> Dict[str, Any]:
+        kwargs = dict(self.kwargs)
+        if "connect_timeout" not in kwargs and "connect_timeout" not in self.conninfo:
+            # libpq counts whole seconds and treats 1 as 2.
+            kwargs["connect_timeout"] = max(2, int(deadline - time.monotonic() + 0.999))
+        return kwargs
+
+    # ----------------------------------------------------------------- returning
+
+    def _check_returned(self, c: _Conn) -> Optional[str]:
+        """Make a returned connection ready for the next user; the reason to
+        discard it instead, if any."""
+        conn = c.conn
+        if conn.closed:
+            return "closed by the application"
+        status = conn.get_transaction_status()
+        if status in _STATUS_ROLLBACK:
+            log.warning("%s: connection returned in a transaction; rolling back", self.name)
+            try:
+                conn.rollback()
+            except Exception as exc:
+                return f"rollback failed: {exc}"
+        elif status != _STATUS_OK:
+            return "broken" if status == ext.TRANSACTION_STATUS_UNKNOWN else "query in progress"
+        if self._reset is not None:
+            try:
+                self._reset(conn)
+            except Exception as exc:
+                return f"reset() failed: {exc}"
+            if conn.closed or conn.get_transaction_status() != _STATUS_OK:
+                return "reset() left it unusable"
+        client = self._lease_client()
+        if client.is_lost(c.lease):
+            return "its lease expired at the broker"
+        if time.monotonic() >= c.expires:
+            return "max_lifetime reached"
+        if client.take_recall(self._broker_pool):
+            self._stats["leases_recalled"] += 1
+            return "recalled by the broker"
+        return None
+
+    def _give_back(self, c: _Conn) -> None:
+        with self._lock:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                c.returned = time.monotonic()
+                while self._waiting:
+                    w = self._waiting.popleft()
+                    if w.done:
+                        continue
+                    self._cancel_req_locked(w)
+                    c.in_use = True
+                    w.conn = c
+                    w.done = True
+                    w.event.set()
+                    return
+                self._idle.append(c)
+        if closed:
+            self._discard(c, "pool closed")
+
+    def _discard(self, c: _Conn, reason: str) -> None:
+        """Take ``c`` out of the pool; the janitor closes it and releases the lease."""
+        log.info("%s: discarding connection (lease %d): %s", self.name, c.lease, reason)
+        with self._lock:
+            if self._all.pop(id(c.conn), None) is None:
+                return
+            self._closing += 1
+            self._stats["returns_bad" if reason not in _ROUTINE else "connections_closed"] += 1
+            self._jobs.append((c, reason))
+            self._start_janitor_locked()
+            self._cond.notify_all()
+
+    def _close_and_release(self, c: _Conn, reason: str) -> None:
+        client = self._lease_client()
+        lost = client.is_lost(c.lease)
+        closing.close_and_wait(c.conn, c.fd, self.close_timeout)
+        if lost:
+            client.forget(c.lease)
+        else:
+            client.release(c.lease)
+        with self._lock:
+            self._closing -= 1
+            self._grow_locked()
+            self._cond.notify_all()
+
+    # ----------------------------------------------------------------- broker events
+
+    def _idle_count(self) -> Tuple[str, int]:
+        return self._broker_pool, len(self._idle)
+
+    def _on_recall(self) -> None:
+        """The broker wants leases back: give idle connections first (I/O thread)."""
+        client = self._lease_client()
+        with self._lock:
+            while self._idle and client.recall_owed(self._broker_pool) > 0:
+                if not client.take_recall(self._broker_pool):
+                    break
+                c = self._idle.popleft()  # the one idle longest
+                del self._all[id(c.conn)]
+                self._closing += 1
+                self._stats["leases_recalled"] += 1
+                self._jobs.append((c, "recalled by the broker"))
+            if self._jobs:
+                self._start_janitor_locked()
+                self._cond.notify_all()
+
+    def _on_lost(self, leases: set) -> None:
+        """Leases the broker no longer knows: close their idle connections now;
+        connections in use are discarded when they come back (I/O thread)."""
+        with self._lock:
+            for c in [c for c in self._idle if c.lease in leases]:
+                self._idle.remove(c)
+                del self._all[id(c.conn)]
+                self._closing += 1
+                self._stats["leases_lost"] += 1
+                self._jobs.append((c, "lease expired at the broker"))
+            if self._jobs:
+                self._start_janitor_locked()
+                self._cond.notify_all()
+
+    # ----------------------------------------------------------------- janitor
+
+    def _start_janitor_locked(self) -> None:
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = threading.Thread(target=self._janitor_loop,
+                                             name=f"poolbroker-{self.name}", daemon=True)
+            self._janitor.start()
+
+    def _janitor_loop(self) -> None:
+        """Close discarded connections, expire idle and old ones, keep min_size."""
+        next_check = 0.0
+        while True:
+            with self._cond:
+                while not self._jobs and not (self._closed and not self._warming):
+                    left = next_check - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                job = self._jobs.popleft() if self._jobs else None
+                stop = self._closed and not self._jobs and not self._warming
+            if job is not None:
+                self._close_and_release(*job)
+                continue
+            if stop:
+                return
+            if time.monotonic() >= next_check:
+                self._maintain()
+                next_check = time.monotonic() + min(1.0, self.max_idle / 4, self.max_lifetime / 4)
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return
+            expired: List[Tuple[_Conn, str]] = []
+            keep = len(self._all) - self.min_size
+            for c in list(self._idle):  # oldest returned first
+                if now >= c.expires:
+                    expired.append((c, "max_lifetime reached"))
+                elif keep > 0 and now - c.returned >= self.max_idle:
+                    expired.append((c, "idle for max_idle"))
+                    keep -= 1
+            for c, _ in expired:
+                self._idle.remove(c)
+            need = self.min_size - (len(self._all) - len(expired) + self._opening)
+            warm = need > 0 and not self._warming and now >= self._warm_backoff
+            if warm:
+                self._warming = True
+        for c, reason in expired:
+            self._discard(c, reason)
+        if warm:
+            self._warm_one()
+
+    def _warm_one(self) -> None:
+        """Open one connection towards min_size (janitor thread)."""
+        w = _Waiter(time.monotonic() + self.timeout, warm=True)
+        with self._lock:
+            self._pending += 1
+            w.req = self._lease_client().acquire(
+                self._broker_pool, self.timeout,
+                lambda req, lease, err: self._on_lease(w, req, lease, err))
+        w.event.wait(self.timeout)
+        with self._lock:
+            if not w.done:  # a grant arriving later goes to a caller or back
+                w.done = True
+                self._cancel_req_locked(w)
+        try:
+            if w.lease is None:
+                raise w.error or PoolTimeout(f"no lease within {self.timeout:g}s "
+                                             f"({self._lease_client().describe_broker()})")
+            self._open_leased(w.lease, w.deadline, for_caller=False)
+            self._warm_backoff = 0.0
+        except Exception as exc:
+            log.warning("%s: could not open a connection to keep min_size %d: %s",
+                        self.name, self.min_size, exc)
+            self._warm_backoff = time.monotonic() + 2.0
+        finally:
+            with self._lock:
+                self._warming = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed(f"the pool {self.name!r} is closed")
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit: close everything, including connections still in
+        use by daemon threads, so every lease goes back before we leave."""
+        self.close(timeout=1.0)
+        with self._lock:
+            left = list(self._all.values())
+            self._all.clear()
+            self._closing += len(left)
+        for c in left:
+            self._close_and_release(c, "process exit")
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: forget every inherited connection without closing it
+        (that would end the parent's sessions) and start afresh."""
+        inherited = list(self._all.values())
+        closed = self._closed
+        for c in inherited:
+            closing.forget_in_child(c.conn, c.fd)
+        _inherited_graveyard.extend(c.conn for c in inherited)
+        self._init_state()
+        self._closed = closed
+        if not closed and self.min_size:
+            self._start_janitor_locked()
+
+
+# Connections inherited by a forked child: kept referenced so that nothing
+# finalizes them (their descriptors already point at a dead socket).
+_inherited_graveyard: List[Any] = []
+
+_ROUTINE = {"max_lifetime reached", "idle for max_idle", "recalled by the broker",
+            "pool closed", "process exit", "lease expired at the broker",
+            "pool closed while connecting"}
+
+_STAT_COUNTERS = (
+    "requests_num", "requests_queued", "requests_wait_ms", "requests_errors",
+    "returns_bad", "connections_num", "connections_ms", "connections_errors",
+    "connections_closed", "leases_recalled", "leases_lost",
+)

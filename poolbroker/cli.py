@@ -1,0 +1,152 @@
+"""The ``poolbroker`` command: ``serve`` runs a broker, ``status`` asks one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Dict, List, Optional
+
+import zmq
+
+from . import protocol as p
+from .server import AddressInUse, Broker
+
+log = logging.getLogger("poolbroker")
+
+DEFAULT_TTL = 4.0
+
+
+def _parse_pool(text: str) -> tuple:
+    name, sep, size = text.partition("=")
+    if not sep or not name or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=MAX (e.g. default=10), got {text!r}")
+    if len(name) > p.MAX_NAME_CHARS:
+        raise argparse.ArgumentTypeError(f"pool name too long: {name[:40]}...")
+    return name, int(size)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poolbroker",
+        description="One PostgreSQL connection budget shared by every process of an application.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--bind", default=os.environ.get("POOLBROKER_URL"),
+                       help="ZeroMQ endpoint, ipc://PATH or tcp://HOST:PORT "
+                            "(default: $POOLBROKER_URL)")
+    serve.add_argument("--pool", action="append", type=_parse_pool, default=[],
+                       metavar="NAME=MAX", help="a pool and its budget; repeat for more pools")
+    serve.add_argument("--ttl", type=float, default=DEFAULT_TTL,
+                       help="seconds without a heartbeat after which a client's leases expire "
+                            f"(default {DEFAULT_TTL})")
+    serve.add_argument("--max-waiting-per-client", type=int, default=1000,
+                       help="queued lease requests one client may have (default 1000)")
+    serve.add_argument("--log-level", default=os.environ.get("POOLBROKER_LOG_LEVEL", "INFO"))
+
+    status = sub.add_parser("status", help="show pools, leases and clients of a running broker")
+    status.add_argument("--broker", default=os.environ.get("POOLBROKER_URL"),
+                        help="broker endpoint (default: $POOLBROKER_URL)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds to wait for the broker's answer (default 3)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _status(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    if not args.bind:
+        print("poolbroker serve: no address: pass --bind URL or set POOLBROKER_URL",
+              file=sys.stderr)
+        return 2
+    if not args.pool:
+        print("poolbroker serve: no pools: pass --pool NAME=MAX at least once", file=sys.stderr)
+        return 2
+    pools: Dict[str, int] = {}
+    for name, size in args.pool:
+        if name in pools:
+            print(f"poolbroker serve: pool {name!r} given twice", file=sys.stderr)
+            return 2
+        pools[name] = size
+    if args.ttl <= 0.3:
+        print("poolbroker serve: --ttl must be more than 0.3 seconds", file=sys.stderr)
+        return 2
+    try:
+        Broker(args.bind, pools, ttl=args.ttl,
+               max_waiting_per_client=args.max_waiting_per_client).run()
+    except AddressInUse as exc:
+        log.error("%s", exc)
+        return 1
+    except (ValueError, zmq.ZMQError) as exc:
+        log.error("cannot serve on %s: %s", args.bind, exc)
+        return 1
+    return 0
+
+
+def query_status(url: str, timeout: float = 3.0) -> dict:
+    """Ask the broker at ``url`` for its status; raises TimeoutError if it does not answer."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, f"status-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode())
+    try:
+        sock.connect(url)
+        rid = 1
+        sock.send(p.encode("status", rid=rid))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                raise TimeoutError(f"broker at {url} did not answer within {timeout:g}s")
+            msg = p.decode(sock.recv(), p.BROKER_OPS)
+            if msg["op"] == "status" and msg["rid"] == rid:
+                return msg["data"]
+            if msg["op"] == "error":
+                raise RuntimeError(f"broker at {url} answered: {msg['message']}")
+    finally:
+        sock.close(0)
+
+
+def _status(args: argparse.Namespace) -> int:
+    if not args.broker:
+        print("poolbroker status: no address: pass --broker URL or set POOLBROKER_URL",
+              file=sys.stderr)
+        return 2
+    try:
+        data = query_status(args.broker, args.timeout)
+    except (TimeoutError, RuntimeError, zmq.ZMQError) as exc:
+        print(f"poolbroker status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, sort_keys=True))
+        return 0
+    print(f"broker {args.broker}  epoch {data['epoch']}  lease ttl {data['ttl']}s")
+    print(f"{'pool':<20} {'max':>5} {'leased':>7} {'busy':>5} {'idle':>5} {'waiting':>8}")
+    for name, pool in sorted(data["pools"].items()):
+        print(f"{name:<20} {pool['max']:>5} {pool['leased']:>7} {pool['busy']:>5} "
+              f"{pool['idle']:>5} {pool['waiting']:>8}")
+    print(f"\n{len(data['clients'])} client(s)")
+    for c in data["clients"]:
+        leases = ", ".join(f"{k}={v}" for k, v in sorted(c["leases"].items())) or "-"
+        print(f"  pid {c['pid']:<8} host {c['host']:<16} leases {leases:<20} "
+              f"waiting {c['waiting']:<4} last heartbeat {c['last_heartbeat_s']:.1f}s ago"
+              + (f"  ({c['name']})" if c["name"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""The connection budget as a pure state machine.
+
+No sockets and no clock: every method takes ``now`` (monotonic seconds) and returns
+the messages to send as a list of ``(client_id, op, fields)``. The server is a thin
+shell that feeds it frames and timer ticks. This is where every rule lives:
+
+* **grant**: a pool never has more than ``max`` leases;
+* **queue**: requests that cannot be granted wait (FIFO, with the caller's deadline);
+* **fair share**: ``max`` divided among the clients that currently hold or want
+  leases. When a slot frees, the oldest waiter whose client is below its share goes
+  first; only if there is none does plain FIFO apply. Pure FIFO starves, because a
+  process that holds leases keeps handing connections to its own threads;
+* **recall**: while someone waits, idle leases elsewhere are asked back, and holders
+  above their share are asked to return one instead of keeping it warm;
+* **expire**: a client not heard from for ``ttl`` seconds loses its leases and its
+  queued requests; a waiter past its deadline gets a ``timeout`` error;
+* **cancel**: a request nobody waits for any more leaves the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import protocol as p
+
+log = logging.getLogger("poolbroker")
+
+ClientId = bytes
+Out = Tuple[ClientId, str, Dict[str, Any]]
+
+
+@dataclass
+class Lease:
+    id: int
+    pool: str
+    client: ClientId
+    granted_at: float
+    rid: Optional[int] = None
+    backend_pid: Optional[int] = None
+
+
+@dataclass
+class Waiter:
+    client: ClientId
+    rid: int
+    pool: str
+    deadline: float
+    since: float
+
+
+@dataclass
+class Client:
+    id: ClientId
+    pid: int = 0
+    host: str = ""
+    name: str = ""
+    last_seen: float = 0.0
+    leases: Dict[int, Lease] = field(default_factory=dict)
+    waiting: Dict[int, Waiter] = field(default_factory=dict)  # rid -> waiter
+    granted: Dict[int, int] = field(default_factory=dict)  # rid -> lease id (idempotency)
+    idle: Dict[str, int] = field(default_factory=dict)  # as last reported
+    recall: Dict[str, int] = field(default_factory=dict)  # pool -> leases asked back
+
+    def held(self, pool: str) -> int:
+        return sum(1 for lease in self.leases.values() if lease.pool == pool)
+
+    def waiting_in(self, pool: str) -> int:
+        return sum(1 for w in self.waiting.values() if w.pool == pool)
+
+
+@dataclass
+class Pool:
+    name: str
+    max: int
+    leases: Dict[int, Lease] = field(default_factory=dict)
+    # FIFO of waiters keyed by (client, rid); OrderedDict gives O(1) removal.
+    queue: "OrderedDict[Tuple[ClientId, int], Waiter]" = field(default_factory=OrderedDict)
+
+
+class Ledger:
+    """All broker state and rules. Not thread-safe: one loop owns it."""
+
+    def __init__(
+        self,
+        pools: Dict[str, int],
+        *,
+        ttl: float = 4.0,
+        epoch: str = "0",
+        max_waiting_per_client: int = 1000,
+        first_lease_id: int = 1,
+    ) -> None:
+        if not pools:
+            raise ValueError("at least one pool is needed")
+        for name, size in pools.items():
+            if not isinstance(size, int) or size < 0:
+                raise ValueError(f"pool {name!r}: max must be an integer >= 0, not {size!r}")
+        self.pools: Dict[str, Pool] = {n: Pool(n, m) for n, m in pools.items()}
+        self.clients: Dict[ClientId, Client] = {}
+        self.ttl = ttl
+        self.epoch = epoch
+        self.max_waiting_per_client = max_waiting_per_client
+        self._next_lease = first_lease_id
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often clients should say they are alive: three chances per TTL."""
+        return self.ttl / 3.0
+
+    def _error(self, cid: ClientId, rid: Optional[int], code: str, message: str) -> Out:
+        return (cid, "error", {"rid": rid, "code": code, "message": message})
+
+    def _known(
+        self, cid: ClientId, rid: Optional[int], now: float
+    ) -> Tuple[Optional[Client], List[Out]]:
+        client = self.clients.get(cid)
+        if client is None:
+            return None, [
+                self._error(cid, rid, p.E_UNKNOWN_CLIENT, "unknown client: send hello first")
+            ]
+        client.last_seen = now
+        return client, []
+
+    def leased(self, pool: str) -> int:
+        return len(self.pools[pool].leases)
+
+    # ------------------------------------------------------------------ ops
+
+    def hello(
+        self,
+        cid: ClientId,
+        *,
+        pid: int,
+        host: str,
+        name: str = "",
+        leases: List[Tuple[int, str]] = (),  # type: ignore[assignment]
+        now: float,
+    ) -> List[Out]:
+        """A client (re)introduces itself, listing the leases it holds. Leases we
+        already have for it are kept; unknown ones are taken back if the pool has
+        room (the connection is real, so counting it is the truth), otherwise
+        rejected and the client must close those connections."""
+        client = self.clients.get(cid)
+        if client is None:
+            client = Client(cid)
+            self.clients[cid] = client
+            log.info("client %s joined (pid %s on %s%s)", _cid(cid), pid, host,
+                     f", {name}" if name else "")
+        client.pid, client.host, client.name, client.last_seen = pid, host, name, now
+        rejected: List[int] = []
+        touched = set()
+        for lease_id, pool_name in leases:
+            if lease_id in client.leases:
+                continue
+            pool = self.pools.get(pool_name)
+            taken = any(lease_id in pl.leases for pl in self.pools.values())
+            if pool is None or taken or len(pool.leases) >= pool.max:
+                rejected.append(lease_id)
+                continue
+            lease = Lease(lease_id, pool_name, cid, now)
+            pool.leases[lease_id] = lease
+            client.leases[lease_id] = lease
+            self._next_lease = max(self._next_lease, lease_id + 1)
+            touched.add(pool_name)
+        if rejected:
+            log.warning("client %s re-announced %d lease(s) that do not fit; rejected",
+                        _cid(cid), len(rejected))
+        outs: List[Out] = [
+            (cid, "welcome", {"epoch": self.epoch, "ttl": self.ttl,
+                              "heartbeat": self.heartbeat_interval, "rejected": rejected})
+        ]
+        for pool_name in touched:
+            outs += self._rebalance(pool_name, now)
+        return outs
+
+    def acquire(
+        self, cid: ClientId, *, rid: int, pool: str, timeout: float, now: float
+    ) -> List[Out]:
+        """Ask for one lease in ``pool``; granted at once if the pool has room,
+        otherwise queued until ``now + timeout``."""
+        client, outs = self._known(cid, rid, now)
+        if client is None:
+            return outs
+        if pool not in self.pools:
+            known = ", ".join(sorted(self.pools))
+            return [self._error(cid, rid, p.E_UNKNOWN_POOL,
+                                f"unknown pool {pool!r} (this broker has: {known})")]
+        if rid in client.granted:  # a retry of a request we already granted
+            return [(cid, "grant", {"rid": rid, "pool": pool, "lease": client.granted[rid]})]
+        if rid in client.waiting:  # a retry of a request still queued: new deadline
+            client.waiting[rid].deadline = now + timeout
+            return []
+        if len(client.waiting) >= self.max_waiting_per_client:
+            return [self._error(cid, rid, p.E_TOO_MANY_REQUESTS,
+                                f"client already has {len(client.waiting)} queued requests")]
+        waiter = Waiter(cid, rid, pool, now + timeout, now)
+        client.waiting[rid] = waiter
+        self.pools[pool].queue[(cid, rid)] = waiter
+        return self._rebalance(pool, now)
+
+    def cancel(self, cid: ClientId, *, rid: int, now: float) -> List[Out]:
+        """Nobody waits for request ``rid`` any more. If it was already granted the
+        client will release the lease itself when the grant reaches it."""
+        client, outs = self._known(cid, rid, now)
+        if client is None:
+            return []  # nothing to cancel; no reply needed
+        waiter = client.waiting.pop(rid, None)
+        if waiter is None:
+            return []
+        del self.pools[waiter.pool].queue[(cid, rid)]
+        return self._rebalance(waiter.pool, now)
+
+    def release(self, cid: ClientId, *, lease: int, now: float) -> List[Out]:
+        """The client closed the connection of ``lease`` and the server saw it go."""
+        client, outs = self._known(cid, None, now)
+        if client is None:
+            return outs
+        held = client.leases.pop(lease, None)
+        if held is None:
+            return []  # released twice, or expired meanwhile: nothing to do
+        self._drop_lease(client, held)
+        return self._rebalance(held.pool, now)
+
+    def connected(self, cid: ClientId, *, lease: int, backend_pid: int, now: float) -> List[Out]:
+        client, outs = self._known(cid, None, now)
+        if client is None:
+            return outs
+        held = client.leases.get(lease)
+        if held is not None:
+            held.backend_pid = backend_pid
+        return []
+
+    def heartbeat(
+        self, cid: ClientId, *, idle: Dict[str, int], leases: List[int], now: float
+    ) -> List[Out]:
+        """The client is alive; ``idle`` says how many idle connections it keeps per
+        pool (a hint for recalls), ``leases`` which leases it believes it holds."""
+        client, outs = self._known(cid, None, now)
+        if client is None:
+            return outs
+        changed = [pool for pool in set(idle) | set(client.idle)
+                   if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)]
+        client.idle = {k: v for k, v in idle.items() if k in self.pools}
+        unknown = [lease for lease in leases if lease not in client.leases]
+        outs = [(cid, "hb", {"epoch": self.epoch, "unknown": unknown})]
+        for pool in changed:
+            outs += self._rebalance(pool, now)
+        return outs
+
+    def bye(self, cid: ClientId, *, now: float) -> List[Out]:
+        """The client leaves: everything it holds or waits for goes."""
+        client = self.clients.get(cid)
+        if client is None:
+            return []
+        log.info("client %s (pid %s) said bye, returning %d lease(s)",
+                 _cid(cid), client.pid, len(client.leases))
+        return self._forget(client, now)
+
+    def tick(self, now: float) -> List[Out]:
+        """Expire what is due: waiters past their deadline, clients past the TTL."""
+        outs: List[Out] = []
+        touched = set()
+        for pool in self.pools.values():
+            for key, waiter in list(pool.queue.items()):
+                if waiter.deadline <= now:
+                    del pool.queue[key]
+                    self.clients[waiter.client].waiting.pop(waiter.rid, None)
+                    outs.append(self._error(
+                        waiter.client, waiter.rid, p.E_TIMEOUT,
+                        f"no lease in pool {pool.name!r} within the deadline "
+                        f"(max {pool.max}, {len(pool.leases)} leased, {len(pool.queue)} waiting)"))
+                    touched.add(pool.name)
+        for client in list(self.clients.values()):
+            if client.last_seen + self.ttl <= now:
+                if client.leases:
+                    log.warning("client %s (pid %s on %s) silent for %.1fs: expiring %d lease(s)",
+                                _cid(client.id), client.pid, client.host,
+                                now - client.last_seen, len(client.leases))
+                outs += self._forget(client, now)
+        for name in touched:
+            outs += self._rebalance(name, now)
+        return outs
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest time at which :meth:`tick` has something to do."""
+        times = [w.deadline for pool in self.pools.values() for w in pool.queue.values()]
+        times += [c.last_seen + self.ttl for c in self.clients.values()]
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------ rules
+
+    def _drop_lease(self, client: Client, lease: Lease) -> None:
+        del self.pools[lease.pool].leases[lease.id]
+        if lease.rid is not None:
+            client.granted.pop(lease.rid, None)
+        if client.recall.get(lease.pool):
+            client.recall[lease.pool] -= 1
+
+    def _forget(self, client: Client, now: float) -> List[Out]:
+        pools = {lease.pool for lease in client.leases.values()}
+        pools |= {w.pool for w in client.waiting.values()}
+        for lease in list(client.leases.values()):
+            self._drop_lease(client, lease)
+        for waiter in client.waiting.values():
+            del self.pools[waiter.pool].queue[(client.id, waiter.rid)]
+        del self.clients[client.id]
+        outs: List[Out] = []
+        for name in pools:
+            outs += self._rebalance(name, now)
+        return outs
+
+    def _active(self, pool: Pool) -> Dict[ClientId, Tuple[int, int]]:
+        """Clients that hold or want leases in ``pool``: id -> (held, waiting)."""
+        active: Dict[ClientId, List[int]] = {}
+        for lease in pool.leases.values():
+            active.setdefault(lease.client, [0, 0])[0] += 1
+        for waiter in pool.queue.values():
+            active.setdefault(waiter.client, [0, 0])[1] += 1
+        return {k: (v[0], v[1]) for k, v in active.items()}
+
+    def share(self, pool_name: str) -> float:
+        pool = self.pools[pool_name]
+        return pool.max / max(1, len(self._active(pool)))
+
+    def _rebalance(self, pool_name: str, now: float) -> List[Out]:
+        """Grant what fits, then decide who should give leases back."""
+        pool = self.pools[pool_name]
+        outs: List[Out] = []
+        while pool.queue and len(pool.leases) < pool.max:
+            waiter = self._pick(pool)
+            del pool.queue[(waiter.client, waiter.rid)]
+            client = self.clients[waiter.client]
+            del client.waiting[waiter.rid]
+            lease = Lease(self._next_lease, pool.name, client.id, now, rid=waiter.rid)
+            self._next_lease += 1
+            pool.leases[lease.id] = lease
+            client.leases[lease.id] = lease
+            client.granted[waiter.rid] = lease.id
+            outs.append((client.id, "grant",
+                         {"rid": waiter.rid, "pool": pool.name, "lease": lease.id}))
+        wanted = self._recall_targets(pool)
+        for client in self.clients.values():
+            target = wanted.get(client.id, 0)
+            if client.recall.get(pool.name, 0) != target:
+                client.recall[pool.name] = target
+                outs.append((client.id, "recall", {"pool": pool.name, "count": target}))
+        return outs
+
+    def _pick(self, pool: Pool) -> Waiter:
+        """Fair share: the oldest waiter whose client is below its share, else FIFO."""
+        active = self._active(pool)
+        share = pool.max / max(1, len(active))
+        for waiter in pool.queue.values():
+            if active[waiter.client][0] < share:
+                return waiter
+        return next(iter(pool.queue.values()))
+
+    def _recall_targets(self, pool: Pool) -> Dict[ClientId, int]:
+        """How many leases to ask back from each client so the queue can move.
+
+        First idle connections of clients that are not waiting themselves (cheap:
+        closing an idle connection costs nobody anything). Then, if some waiter's
+        client is below its fair share, the surplus of clients above their share:
+        they return a lease when a connection comes back instead of reusing it.
+        A pool over its max (the budget shrank) recalls the excess the same way.
+        """
+        excess = len(pool.leases) - pool.max
+        if not pool.queue and excess <= 0:
+            return {}
+        active = self._active(pool)
+        share = pool.max / max(1, len(active))
+        need = len(pool.queue) + max(0, excess)
+        targets: Dict[ClientId, int] = {}
+
+        # 1. idle connections of holders that are not waiting in this pool
+        idle_holders = sorted(
+            ((cid, min(held, self.clients[cid].idle.get(pool.name, 0)))
+             for cid, (held, waiting) in active.items() if held and not waiting),
+            key=lambda item: -item[1])
+        for cid, idle in idle_holders:
+            take = min(idle, need)
+            if take > 0:
+                targets[cid] = take
+                need -= take
+
+        # 2. holders above their fair share, as far as below-share waiters need
+        fair_need = sum(
+            min(waiting, math.ceil(share - held))
+            for held, waiting in active.values() if waiting and held < share)
+        fair_need = max(fair_need, max(0, excess))
+        fair_need = min(need, fair_need - sum(targets.values()))
+        if fair_need > 0:
+            above = sorted(
+                ((cid, held - targets.get(cid, 0) - math.floor(share))
+                 for cid, (held, _) in active.items() if held > share),
+                key=lambda item: -item[1])
+            for cid, surplus in above:
+                take = min(surplus, fair_need)
+                if take > 0:
+                    targets[cid] = targets.get(cid, 0) + take
+                    fair_need -= take
+        return targets
+
+    # ------------------------------------------------------------------ views
+
+    def snapshot(self, now: float) -> Dict[str, Any]:
+        """What ``poolbroker status`` shows: per pool and per client figures."""
+        pools = {}
+        for pool in self.pools.values():
+            idle = sum(min(c.idle.get(pool.name, 0), c.held(pool.name))
+                       for c in self.clients.values())
+            pools[pool.name] = {
+                "max": pool.max,
+                "leased": len(pool.leases),
+                "idle": idle,
+                "busy": len(pool.leases) - idle,
+                "waiting": len(pool.queue),
+            }
+        clients = []
+        for client in self.clients.values():
+            per_pool: Dict[str, int] = {}
+            for lease in client.leases.values():
+                per_pool[lease.pool] = per_pool.get(lease.pool, 0) + 1
+            clients.append({
+                "id": _cid(client.id),
+                "pid": client.pid,
+                "host": client.host,
+                "name": client.name,
+                "leases": per_pool,
+                "waiting": len(client.waiting),
+                "idle": dict(client.idle),
+                "backend_pids": sorted(lz.backend_pid for lz in client.leases.values()
+                                       if lz.backend_pid is not None),
+                "last_heartbeat_s": round(now - client.last_seen, 3),
+            })
+        return {"epoch": self.epoch, "ttl": self.ttl, "pools": pools, "clients": clients}
+
+    def check(self) -> None:
+        """Assert the internal invariants (used by the property tests)."""
+        for pool in self.pools.values():
+            assert len(pool.leases) <= pool.max, (pool.name, len(pool.leases), pool.max)
+            for lease in pool.leases.values():
+                assert self.clients[lease.client].leases[lease.id] is lease
+            for (cid, rid), waiter in pool.queue.items():
+                assert self.clients[cid].waiting[rid] is waiter
+        for client in self.clients.values():
+            for lease in client.leases.values():
+                assert self.pools[lease.pool].leases[lease.id] is lease
+            for rid, waiter in client.waiting.items():
+                assert (client.id, rid) in self.pools[waiter.pool].queue
+                assert rid not in client.granted
+
+
+def _cid(cid: ClientId) -> str:
+    return cid.decode("utf-8", "replace") if isinstance(cid, bytes) else str(cid)

@@ -1,0 +1,200 @@
+"""The wire protocol between lease clients and the broker.
+
+Every message is one ZeroMQ frame holding a msgpack map with at least ``v`` (the
+protocol version) and ``op`` (what the message is). Client requests that expect a
+reply carry ``rid``, a request id chosen by the client: a retried request with the
+same ``rid`` is idempotent (the broker answers it again, it never grants twice).
+
+Client -> broker ops and their fields:
+
+==========  ==================================================================
+hello       ``pid`` int, ``host`` str, ``name`` str, ``leases`` list of
+            ``[lease_id, pool]`` the client already holds (re-announce)
+acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds
+cancel      ``rid`` int: nobody waits for that request any more
+release     ``lease`` int: the connection is closed and the server saw it go
+connected   ``lease`` int, ``backend_pid`` int: for audit and fencing
+heartbeat   ``idle`` map pool -> int, ``leases`` list of int
+bye         (nothing): the process is leaving, release everything it holds
+status      ``rid`` int
+==========  ==================================================================
+
+Broker -> client ops:
+
+==========  ==================================================================
+welcome     ``epoch`` str, ``ttl`` float, ``heartbeat`` float, ``rejected``
+            list of lease ids from hello that the broker did not take back
+grant       ``rid`` int, ``pool`` str, ``lease`` int
+error       ``rid`` int or nil, ``code`` str, ``message`` str
+recall      ``pool`` str, ``count`` int: how many leases the broker wants back
+            from this client in that pool (a target, not an increment)
+hb          ``epoch`` str, ``unknown`` list of lease ids the broker does not
+            know (expired or lost): the client must stop using them
+status      ``rid`` int, ``data`` map (see :mod:`poolbroker.ledger` snapshot)
+==========  ==================================================================
+
+:func:`decode` validates everything it returns; whatever is malformed raises
+:class:`ProtocolError`, which the broker turns into an ``error`` reply or drops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+#: Largest frame either side accepts. Also set as ZMQ_MAXMSGSIZE on the broker's
+#: socket so that a huge frame is dropped by libzmq before it is even buffered.
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_NAME_CHARS = 200
+MAX_LIST_ITEMS = 4096
+MAX_TIMEOUT = 24 * 3600.0
+
+# Error codes the broker sends. Clients switch on these, never on the message text.
+E_BAD_MESSAGE = "bad_message"
+E_BAD_VERSION = "bad_version"
+E_UNKNOWN_OP = "unknown_op"
+E_UNKNOWN_POOL = "unknown_pool"
+E_UNKNOWN_CLIENT = "unknown_client"
+E_TIMEOUT = "timeout"
+E_TOO_MANY_REQUESTS = "too_many_requests"
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message. ``code`` is one of the ``E_*`` codes;
+    ``rid`` is the request id if one could be read, so the reply can name it."""
+
+    def __init__(self, code: str, message: str, rid: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.rid = rid
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
+
+
+def _uint(v: Any) -> bool:
+    return _int(v) and v >= 0
+
+
+def _num(v: Any) -> bool:
+    return (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and 0 <= v <= MAX_TIMEOUT
+    )
+
+
+def _name(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and len(v) <= 4 * MAX_NAME_CHARS
+
+
+def _uint_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_LIST_ITEMS and all(_uint(x) for x in v)
+
+
+def _lease_pairs(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) <= MAX_LIST_ITEMS
+        and all(
+            isinstance(p, list) and len(p) == 2 and _uint(p[0]) and _name(p[1]) for p in v
+        )
+    )
+
+
+def _idle_map(v: Any) -> bool:
+    return (
+        isinstance(v, dict)
+        and len(v) <= MAX_LIST_ITEMS
+        and all(_name(k) and _uint(n) for k, n in v.items())
+    )
+
+
+def _any_map(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _optional_uint(v: Any) -> bool:
+    return v is None or _uint(v)
+
+
+# op -> {field: validator}. Every listed field is required; unknown fields are
+# ignored so that a newer peer can add optional ones without a version bump.
+CLIENT_OPS: dict[str, dict[str, Any]] = {
+    "hello": {"pid": _uint, "host": _text, "name": _text, "leases": _lease_pairs},
+    "acquire": {"rid": _uint, "pool": _name, "timeout": _num},
+    "cancel": {"rid": _uint},
+    "release": {"lease": _uint},
+    "connected": {"lease": _uint, "backend_pid": _uint},
+    "heartbeat": {"idle": _idle_map, "leases": _uint_list},
+    "bye": {},
+    "status": {"rid": _uint},
+}
+
+BROKER_OPS: dict[str, dict[str, Any]] = {
+    "welcome": {"epoch": _text, "ttl": _num, "heartbeat": _num, "rejected": _uint_list},
+    "grant": {"rid": _uint, "pool": _name, "lease": _uint},
+    "error": {"rid": _optional_uint, "code": _text, "message": _text},
+    "recall": {"pool": _name, "count": _uint},
+    "hb": {"epoch": _text, "unknown": _uint_list},
+    "status": {"rid": _uint, "data": _any_map},
+}
+
+
+def encode(op: str, **fields: Any) -> bytes:
+    """Pack one message. Fields are not validated here: we trust our own code,
+    and the tests check that everything we send decodes on the other side."""
+    fields["v"] = PROTOCOL_VERSION
+    fields["op"] = op
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def decode(frame: bytes, ops: dict[str, dict[str, Any]] = CLIENT_OPS) -> dict[str, Any]:
+    """Unpack and validate one frame against ``ops`` (the set of ops the receiver
+    accepts). Returns the message map; raises :class:`ProtocolError` otherwise."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(E_BAD_MESSAGE, "frame is not bytes")
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(E_BAD_MESSAGE, f"frame of {len(frame)} bytes exceeds the limit")
+    try:
+        msg = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_MESSAGE_BYTES,
+            max_bin_len=MAX_MESSAGE_BYTES,
+            max_array_len=MAX_LIST_ITEMS,
+            max_map_len=MAX_LIST_ITEMS,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise ProtocolError(E_BAD_MESSAGE, f"not msgpack: {type(exc).__name__}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(E_BAD_MESSAGE, "message is not a map")
+    rid = msg.get("rid")
+    rid = rid if _uint(rid) else None
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            E_BAD_VERSION,
+            f"protocol version {msg.get('v')!r} not supported (want {PROTOCOL_VERSION})",
+            rid,
+        )
+    op = msg.get("op")
+    if not isinstance(op, str) or op not in ops:
+        shown = op if isinstance(op, str) and len(op) <= 40 else type(op).__name__
+        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {shown!r}", rid)
+    for field, valid in ops[op].items():
+        if field not in msg or not valid(msg[field]):
+            raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} missing or invalid", rid)
+    return msg

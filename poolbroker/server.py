@@ -1,0 +1,258 @@
+"""The broker process: a ZeroMQ ROUTER loop around the :class:`~poolbroker.ledger.Ledger`.
+
+The loop receives frames, hands them to the ledger, sends what the ledger returns,
+and ticks the ledger's timers (waiter deadlines, lease TTL). Nothing a peer sends
+can crash it: undecodable frames get an ``error`` reply, exceptions in a handler are
+logged and answered, and the socket drops frames above the size limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Any, Callable, Dict, List, Optional
+
+import zmq
+
+from . import protocol as p
+from .ledger import Ledger, Out
+
+log = logging.getLogger("poolbroker")
+
+# Drain at most this many frames before ticking timers, so that a flood from one
+# peer cannot starve deadlines.
+_BATCH = 2000
+
+
+class AddressInUse(RuntimeError):
+    """Another broker already serves this address."""
+
+
+class AddressGuard:
+    """Make sure we are the only broker on ``url``.
+
+    A tcp bind fails by itself when the port is taken. An ipc bind does not: libzmq
+    unlinks the existing socket file and binds a new one, silently stealing the path
+    from the running broker. So for ipc we hold an exclusive ``flock`` on
+    ``PATH.lock`` for as long as we serve, and also refuse if something answers on
+    the path (a broker that does not use the lock).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path: Optional[str] = url[len("ipc://"):] if url.startswith("ipc://") else None
+        self._lock_fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        if self.path is None:
+            return
+        if len(self.path.encode()) > 107:
+            raise ValueError(f"ipc path too long ({len(self.path)} > 107 bytes): {self.path}")
+        lock_path = self.path + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise AddressInUse(
+                    f"another broker is already serving {self.url} "
+                    f"(it holds the lock {lock_path}); refusing to steal its address"
+                ) from None
+            raise
+        if os.path.exists(self.path) and _unix_socket_answers(self.path):
+            os.close(fd)
+            raise AddressInUse(
+                f"something is already listening on {self.url}; refusing to steal its address"
+            )
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is None:
+            return
+        try:
+            if self.path and os.path.exists(self.path):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._lock_fd)  # the lock file stays: unlinking it would race a starter
+        self._lock_fd = None
+
+
+def _unix_socket_answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False  # ECONNREFUSED: a stale file left by a dead broker
+    finally:
+        s.close()
+
+
+class Broker:
+    """Serve ``pools`` (name -> max connections) on ``bind`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        bind: str,
+        pools: Dict[str, int],
+        *,
+        ttl: float = 4.0,
+        max_waiting_per_client: int = 1000,
+    ) -> None:
+        self.bind = bind
+        self.epoch = uuid.uuid4().hex[:12]
+        # Lease ids start at a per-run random offset so that ids from a previous
+        # run that clients re-announce never collide with fresh ones.
+        first = (int.from_bytes(os.urandom(4), "big") << 16) + 1
+        self.ledger = Ledger(pools, ttl=ttl, epoch=self.epoch,
+                             max_waiting_per_client=max_waiting_per_client, first_lease_id=first)
+        self._stop = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.frames_in = 0
+        self.bad_frames = 0
+        self._last_bad_log = 0.0
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler or another thread)."""
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, on_ready: Optional[Callable[[], None]] = None, *, signals: bool = True) -> None:
+        guard = AddressGuard(self.bind)
+        guard.acquire()
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        try:
+            try:
+                sock.bind(self.bind)
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(
+                        f"{self.bind} is already in use (another broker?): {exc}") from None
+                raise
+            if signals:
+                self._install_signals()
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(self._wake_r.fileno(), zmq.POLLIN)
+            pools = ", ".join(f"{n}={pl.max}" for n, pl in self.ledger.pools.items())
+            log.info("poolbroker ready on %s: pools %s, lease ttl %.1fs, epoch %s, pid %d",
+                     self.bind, pools, self.ledger.ttl, self.epoch, os.getpid())
+            if on_ready:
+                on_ready()
+            self._loop(sock, poller)
+        finally:
+            leased = sum(len(pl.leases) for pl in self.ledger.pools.values())
+            log.info("poolbroker stopped (%d lease(s) outstanding, %d frames, %d bad)",
+                     leased, self.frames_in, self.bad_frames)
+            sock.close(0)
+            ctx.term()
+            guard.release()
+
+    def _loop(self, sock: zmq.Socket, poller: zmq.Poller) -> None:
+        while not self._stop:
+            now = time.monotonic()
+            deadline = self.ledger.next_deadline()
+            # Wake at least every second: cheap, and keeps the loop honest.
+            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            events = dict(poller.poll(int(wait * 1000) + 1))
+            if self._wake_r.fileno() in events:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+            if sock in events:
+                for _ in range(_BATCH):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self._send(sock, self._handle(frames, time.monotonic()))
+            self._send(sock, self.ledger.tick(time.monotonic()))
+
+    def _send(self, sock: zmq.Socket, outs: List[Out]) -> None:
+        for cid, op, fields in outs:
+            try:
+                sock.send_multipart([cid, p.encode(op, **fields)], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # peer gone or its queue full: the TTL cleans up
+                log.debug("could not send %s to %r: %s", op, cid, exc)
+
+    def _bad(self, cid: bytes, err: p.ProtocolError) -> List[Out]:
+        self.bad_frames += 1
+        now = time.monotonic()
+        if now - self._last_bad_log > 5.0:  # junk must not flood the log either
+            self._last_bad_log = now
+            log.warning("bad frame from %r: %s (%d bad so far)", cid[:40], err.message,
+                        self.bad_frames)
+        return [(cid, "error", {"rid": err.rid, "code": err.code, "message": err.message})]
+
+    def _handle(self, frames: List[bytes], now: float) -> List[Out]:
+        self.frames_in += 1
+        cid = frames[0]
+        if len(frames) != 2:
+            return self._bad(cid, p.ProtocolError(
+                p.E_BAD_MESSAGE, f"expected one frame per message, got {len(frames) - 1}"))
+        try:
+            msg = p.decode(frames[1])
+        except p.ProtocolError as err:
+            return self._bad(cid, err)
+        try:
+            return self._dispatch(cid, msg, now)
+        except Exception:  # a bug must not take the budget down with it
+            log.exception("error handling %s from %r", msg.get("op"), cid)
+            return [(cid, "error", {"rid": msg.get("rid"), "code": "internal",
+                                    "message": "internal broker error, see broker log"})]
+
+    def _dispatch(self, cid: bytes, msg: Dict[str, Any], now: float) -> List[Out]:
+        op = msg["op"]
+        ledger = self.ledger
+        if op == "acquire":
+            return ledger.acquire(cid, rid=msg["rid"], pool=msg["pool"],
+                                  timeout=float(msg["timeout"]), now=now)
+        if op == "release":
+            return ledger.release(cid, lease=msg["lease"], now=now)
+        if op == "cancel":
+            return ledger.cancel(cid, rid=msg["rid"], now=now)
+        if op == "connected":
+            return ledger.connected(cid, lease=msg["lease"], backend_pid=msg["backend_pid"],
+                                    now=now)
+        if op == "heartbeat":
+            return ledger.heartbeat(cid, idle=msg["idle"], leases=msg["leases"], now=now)
+        if op == "hello":
+            return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
+                                leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)
+        if op == "bye":
+            return ledger.bye(cid, now=now)
+        if op == "status":
+            data = ledger.snapshot(now)
+            data["bad_frames"] = self.bad_frames
+            return [(cid, "status", {"rid": msg["rid"], "data": data})]
+        raise AssertionError(f"op {op!r} validated but not dispatched")

@@ -1,0 +1,187 @@
+"""The ledger's rules, one by one, with time passed in."""
+
+import pytest
+
+from poolbroker import protocol as p
+from poolbroker.ledger import Ledger
+
+A, B, C = b"a", b"b", b"c"
+
+
+def make(pools=None, ttl=4.0):
+    ledger = Ledger(pools or {"default": 2}, ttl=ttl)
+    for cid in (A, B, C):
+        ledger.hello(cid, pid=1, host="h", now=0.0)
+    return ledger
+
+
+def ops(outs, op):
+    return [(cid, f) for cid, o, f in outs if o == op]
+
+
+def grant(ledger, cid, rid, now=0.0, pool="default", timeout=10.0):
+    outs = ledger.acquire(cid, rid=rid, pool=pool, timeout=timeout, now=now)
+    grants = ops(outs, "grant")
+    return grants[0][1]["lease"] if grants else None
+
+
+def test_grants_up_to_max_then_queues():
+    ledger = make()
+    assert grant(ledger, A, 1) is not None
+    assert grant(ledger, B, 1) is not None
+    assert grant(ledger, C, 1) is None
+    assert ledger.snapshot(0)["pools"]["default"] == {
+        "max": 2, "leased": 2, "idle": 0, "busy": 2, "waiting": 1}
+
+
+def test_release_goes_to_the_oldest_waiter():
+    ledger = make({"default": 1})
+    lease = grant(ledger, A, 1)
+    assert grant(ledger, B, 1) is None
+    assert grant(ledger, C, 1) is None
+    outs = ledger.release(A, lease=lease, now=1.0)
+    assert [cid for cid, _ in ops(outs, "grant")] == [B]
+
+
+def test_retried_acquire_is_idempotent():
+    ledger = make()
+    lease = grant(ledger, A, 7)
+    outs = ledger.acquire(A, rid=7, pool="default", timeout=1, now=0.1)
+    assert ops(outs, "grant") == [(A, {"rid": 7, "pool": "default", "lease": lease})]
+    assert ledger.leased("default") == 1
+
+
+def test_unknown_pool_error_names_the_pool_and_the_known_ones():
+    ledger = make()
+    outs = ledger.acquire(A, rid=1, pool="nope", timeout=1, now=0)
+    [(cid, err)] = ops(outs, "error")
+    assert err["code"] == p.E_UNKNOWN_POOL
+    assert "'nope'" in err["message"] and "default" in err["message"]
+
+
+def test_unknown_client_must_say_hello_first():
+    ledger = make()
+    outs = ledger.acquire(b"stranger", rid=1, pool="default", timeout=1, now=0)
+    assert ops(outs, "error")[0][1]["code"] == p.E_UNKNOWN_CLIENT
+    assert ledger.leased("default") == 0
+
+
+def test_waiter_times_out_and_is_never_granted_afterwards():
+    ledger = make({"default": 1})
+    lease = grant(ledger, A, 1)
+    assert grant(ledger, B, 1, timeout=2.0) is None
+    assert ledger.next_deadline() == 2.0
+    outs = ledger.tick(2.0)
+    assert ops(outs, "error")[0][1]["code"] == p.E_TIMEOUT
+    outs = ledger.release(A, lease=lease, now=2.5)
+    assert ops(outs, "grant") == []
+    assert ledger.leased("default") == 0
+
+
+def test_cancelled_request_leaves_the_queue():
+    ledger = make({"default": 1})
+    lease = grant(ledger, A, 1)
+    grant(ledger, B, 1)
+    ledger.cancel(B, rid=1, now=0.5)
+    assert ops(ledger.release(A, lease=lease, now=1.0), "grant") == []
+
+
+def test_silent_client_loses_its_leases_after_ttl():
+    ledger = make({"default": 1}, ttl=3.0)
+    grant(ledger, A, 1, now=0.0)
+    ledger.heartbeat(B, idle={}, leases=[], now=2.0)
+    grant(ledger, B, 1, now=2.0, timeout=30)
+    ledger.heartbeat(B, idle={}, leases=[], now=3.5)
+    outs = ledger.tick(3.5)  # A silent since 0.0, ttl 3.0
+    assert ops(outs, "grant") == [(B, {"rid": 1, "pool": "default", "lease": ledger.clients[B]
+                                      .granted[1]})]
+    assert A not in ledger.clients
+
+
+def test_bye_returns_everything_at_once():
+    ledger = make({"default": 2})
+    grant(ledger, A, 1)
+    grant(ledger, A, 2)
+    grant(ledger, B, 1)
+    outs = ledger.bye(A, now=1.0)
+    assert len(ops(outs, "grant")) == 1
+    assert ledger.clients[B].held("default") == 1
+
+
+def test_idle_holders_are_recalled_when_someone_waits():
+    ledger = make({"default": 2})
+    grant(ledger, A, 1)
+    grant(ledger, A, 2)
+    ledger.heartbeat(A, idle={"default": 2}, leases=list(ledger.clients[A].leases), now=0.1)
+    outs = ledger.acquire(B, rid=1, pool="default", timeout=5, now=0.2)
+    assert ops(outs, "recall") == [(A, {"pool": "default", "count": 1})]
+    # the waiter gives up: the recall is withdrawn
+    outs = ledger.cancel(B, rid=1, now=0.3)
+    assert ops(outs, "recall") == [(A, {"pool": "default", "count": 0})]
+
+
+def test_fair_share_busy_holder_above_share_gives_back_to_a_starving_client():
+    # A holds all 4 and keeps wanting more; B wants 1. Pure FIFO would feed A forever.
+    ledger = make({"default": 4})
+    leases = [grant(ledger, A, rid) for rid in range(1, 5)]
+    for rid in range(5, 9):
+        assert grant(ledger, A, rid) is None
+    outs = ledger.acquire(B, rid=1, pool="default", timeout=5, now=0.1)
+    assert ops(outs, "recall") == [(A, {"pool": "default", "count": 1})]
+    outs = ledger.release(A, lease=leases[0], now=0.2)
+    # B is below its share (2 of 4) and goes first although A's waiters are older
+    assert [cid for cid, _ in ops(outs, "grant")] == [B]
+
+
+def test_no_recall_churn_when_all_waiters_are_at_or_above_share():
+    ledger = make({"default": 2})
+    grant(ledger, A, 1)
+    grant(ledger, B, 1)
+    outs = ledger.acquire(A, rid=2, pool="default", timeout=5, now=0.1)
+    outs += ledger.acquire(B, rid=2, pool="default", timeout=5, now=0.1)
+    assert ops(outs, "recall") == []
+
+
+def test_reannounced_leases_are_taken_back_if_they_fit_else_rejected():
+    ledger = Ledger({"default": 1}, ttl=4.0)
+    outs = ledger.hello(A, pid=1, host="h", leases=[(100, "default"), (101, "default")], now=0)
+    [(cid, welcome)] = ops(outs, "welcome")
+    assert welcome["rejected"] == [101]
+    assert list(ledger.clients[A].leases) == [100]
+    # new lease ids never collide with re-announced ones
+    ledger.hello(B, pid=2, host="h", now=0)
+    ledger.release(A, lease=100, now=1)
+    assert grant(ledger, B, 1, now=1) > 100
+
+
+def test_too_many_queued_requests_from_one_client_are_refused():
+    ledger = Ledger({"default": 0}, ttl=4.0, max_waiting_per_client=3)
+    ledger.hello(A, pid=1, host="h", now=0)
+    for rid in range(3):
+        assert ops(ledger.acquire(A, rid=rid, pool="default", timeout=5, now=0), "error") == []
+    [(cid, err)] = ops(ledger.acquire(A, rid=9, pool="default", timeout=5, now=0), "error")
+    assert err["code"] == p.E_TOO_MANY_REQUESTS
+
+
+def test_heartbeat_reports_leases_the_broker_does_not_know():
+    ledger = make()
+    lease = grant(ledger, A, 1)
+    outs = ledger.heartbeat(A, idle={}, leases=[lease, 424242], now=1)
+    assert ops(outs, "hb")[0][1]["unknown"] == [424242]
+
+
+def test_every_message_the_ledger_emits_is_valid_on_the_wire():
+    ledger = make({"default": 1})
+    outs = ledger.hello(A, pid=1, host="h", now=0)
+    outs += ledger.acquire(A, rid=1, pool="default", timeout=1, now=0)
+    outs += ledger.acquire(B, rid=1, pool="default", timeout=1, now=0)
+    outs += ledger.acquire(C, rid=1, pool="nope", timeout=1, now=0)
+    outs += ledger.tick(5)
+    for _, op, fields in outs:
+        p.decode(p.encode(op, **fields), p.BROKER_OPS)
+
+
+@pytest.mark.parametrize("bad", [{}, {"x": -1}, {"x": 1.5}])
+def test_bad_pool_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        Ledger(bad)

@@ -1,0 +1,134 @@
+"""Property test: for any sequence of acquire / release / cancel / heartbeat /
+time passing / disconnect, the budget holds, no lease is lost, and a request that
+timed out or was cancelled is never granted afterwards."""
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from poolbroker import protocol as p
+from poolbroker.ledger import Ledger
+
+POOLS = {"a": 3, "b": 1}
+CLIENTS = [b"c1", b"c2", b"c3", b"c4"]
+TTL = 4.0
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.ledger = Ledger(dict(POOLS), ttl=TTL)
+        self.now = 0.0
+        self.rid = 0
+        self.held = {c: {} for c in CLIENTS}  # what each client learned: lease -> pool
+        self.waiting = {c: set() for c in CLIENTS}  # rids the client still waits for
+        self.dead_rids = {c: set() for c in CLIENTS}  # timed out / cancelled
+        self.known = set()  # clients the ledger has welcomed (as far as they know)
+
+    def apply(self, outs):
+        for cid, op, fields in outs:
+            p.decode(p.encode(op, **fields), p.BROKER_OPS)  # everything is wire-valid
+            if op == "grant":
+                rid = fields["rid"]
+                assert rid not in self.dead_rids[cid], "granted a request nobody waits for"
+                self.waiting[cid].discard(rid)
+                self.held[cid][fields["lease"]] = fields["pool"]
+            elif op == "error" and fields["rid"] is not None:
+                self.waiting[cid].discard(fields["rid"])
+                self.dead_rids[cid].add(fields["rid"])
+
+    @rule(c=st.sampled_from(CLIENTS))
+    def hello(self, c):
+        self.apply(self.ledger.hello(c, pid=1, host="h", now=self.now))
+        self.known.add(c)
+
+    @rule(c=st.sampled_from(CLIENTS), pool=st.sampled_from(sorted(POOLS)),
+          timeout=st.floats(0.1, 10))
+    def acquire(self, c, pool, timeout):
+        self.rid += 1
+        if c in self.ledger.clients:
+            self.waiting[c].add(self.rid)
+        self.apply(self.ledger.acquire(c, rid=self.rid, pool=pool, timeout=timeout, now=self.now))
+
+    @rule(c=st.sampled_from(CLIENTS), data=st.data())
+    def release(self, c, data):
+        if not self.held[c]:
+            return
+        lease = data.draw(st.sampled_from(sorted(self.held[c])))
+        del self.held[c][lease]
+        self.apply(self.ledger.release(c, lease=lease, now=self.now))
+
+    @rule(c=st.sampled_from(CLIENTS), data=st.data())
+    def cancel(self, c, data):
+        if not self.waiting[c]:
+            return
+        rid = data.draw(st.sampled_from(sorted(self.waiting[c])))
+        self.waiting[c].discard(rid)
+        self.dead_rids[c].add(rid)
+        self.apply(self.ledger.cancel(c, rid=rid, now=self.now))
+        # a grant already sent is released by the client when it arrives
+        for lease in [lz for lz, lease in self.ledger.clients.get(c, _Nobody).leases.items()
+                      if lease.rid == rid]:
+            self.held[c].pop(lease, None)
+            self.apply(self.ledger.release(c, lease=lease, now=self.now))
+
+    @rule(c=st.sampled_from(CLIENTS), idle=st.integers(0, 3))
+    def heartbeat(self, c, idle):
+        if c in self.ledger.clients:
+            self.apply(self.ledger.heartbeat(c, idle={"a": idle}, leases=list(self.held[c]),
+                                             now=self.now))
+
+    @rule(dt=st.floats(0.01, 6.0))
+    def time_passes(self, dt):
+        self.now += dt
+        before = set(self.ledger.clients)
+        self.apply(self.ledger.tick(self.now))
+        for c in before - set(self.ledger.clients):
+            self.forget(c)
+
+    @rule(c=st.sampled_from(CLIENTS))
+    def disconnect(self, c):
+        self.apply(self.ledger.bye(c, now=self.now))
+        self.forget(c)
+
+    def forget(self, c):
+        self.held[c].clear()
+        self.dead_rids[c] |= self.waiting[c]
+        self.waiting[c].clear()
+
+    @invariant()
+    def budget_holds(self):
+        for name, size in POOLS.items():
+            assert len(self.ledger.pools[name].leases) <= size
+
+    @invariant()
+    def no_lease_lost_or_invented(self):
+        self.ledger.check()
+        for c in CLIENTS:
+            ledger_view = {lz: lease.pool for lz, lease in
+                           self.ledger.clients.get(c, _Nobody).leases.items()}
+            assert ledger_view == self.held[c]
+
+    @invariant()
+    def work_conserving(self):
+        for pool in self.ledger.pools.values():
+            if pool.queue:
+                assert len(pool.leases) >= pool.max
+
+    @precondition(lambda self: True)
+    @invariant()
+    def timed_out_waiters_hold_nothing(self):
+        for c in CLIENTS:
+            client = self.ledger.clients.get(c)
+            if client is None:
+                continue
+            assert not (set(client.waiting) & self.dead_rids[c])
+
+
+class _Nobody:
+    leases: dict = {}
+
+
+LedgerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60,
+                                           deadline=None)
+TestLedgerMachine = LedgerMachine.TestCase

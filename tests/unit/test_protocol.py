@@ -1,0 +1,95 @@
+"""The wire protocol: round trips, and every kind of malformed frame rejected."""
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poolbroker import protocol as p
+
+
+def test_round_trip_every_client_op():
+    samples = {
+        "hello": dict(pid=1, host="h", name="", leases=[[5, "default"]]),
+        "acquire": dict(rid=1, pool="default", timeout=2.5),
+        "cancel": dict(rid=1),
+        "release": dict(lease=9),
+        "connected": dict(lease=9, backend_pid=1234),
+        "heartbeat": dict(idle={"default": 2}, leases=[9]),
+        "bye": {},
+        "status": dict(rid=3),
+    }
+    assert set(samples) == set(p.CLIENT_OPS)
+    for op, fields in samples.items():
+        msg = p.decode(p.encode(op, **fields))
+        assert msg["op"] == op and msg["v"] == p.PROTOCOL_VERSION
+        for key, value in fields.items():
+            assert msg[key] == value
+
+
+@pytest.mark.parametrize("frame,code", [
+    (b"", p.E_BAD_MESSAGE),
+    (b"\xc1", p.E_BAD_MESSAGE),  # never-used msgpack byte
+    (msgpack.packb([1, 2, 3]), p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 99, "op": "bye"}), p.E_BAD_VERSION),
+    (msgpack.packb({"v": 1, "op": "explode"}), p.E_UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": 7}), p.E_UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": "acquire", "rid": 1, "pool": "x"}), p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "acquire", "rid": -1, "pool": "x", "timeout": 1}),
+     p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "acquire", "rid": True, "pool": "x", "timeout": 1}),
+     p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "acquire", "rid": 1, "pool": "", "timeout": 1}),
+     p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "acquire", "rid": 1, "pool": "x", "timeout": float("nan")}),
+     p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "acquire", "rid": 1, "pool": "x" * 500, "timeout": 1}),
+     p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "release", "lease": "9"}), p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "hello", "pid": 1, "host": "h", "name": "",
+                    "leases": [[1]]}), p.E_BAD_MESSAGE),
+    (msgpack.packb({"v": 1, "op": "heartbeat", "idle": {"a": -1}, "leases": []}),
+     p.E_BAD_MESSAGE),
+    (msgpack.packb({1: 2}), p.E_BAD_MESSAGE),  # non-string map keys
+    (b"\x00" * (p.MAX_MESSAGE_BYTES + 1), p.E_BAD_MESSAGE),
+])
+def test_malformed_frames_are_rejected_with_a_code(frame, code):
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode(frame)
+    assert info.value.code == code
+
+
+def test_rid_survives_in_the_error_so_the_reply_can_name_it():
+    frame = msgpack.packb({"v": 1, "op": "acquire", "rid": 42, "pool": 3, "timeout": 1})
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode(frame)
+    assert info.value.rid == 42
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_escape_as_anything_but_protocol_error(data):
+    try:
+        p.decode(data)
+    except p.ProtocolError:
+        pass
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(sorted(p.CLIENT_OPS)), st.dictionaries(st.text(max_size=10), json_like))
+def test_valid_msgpack_of_wrong_shapes_is_rejected_or_valid(op, fields):
+    fields.update(v=1, op=op)
+    try:
+        msg = p.decode(msgpack.packb(fields, use_bin_type=True))
+    except p.ProtocolError:
+        return
+    for field, valid in p.CLIENT_OPS[op].items():  # whatever passes really is well-formed
+        assert valid(msg[field])

@@ -1,0 +1,200 @@
+"""Fixtures with real parts: a throwaway PostgreSQL cluster (one per session), real
+broker processes started with pytest-xprocess, and a sampler that counts server
+connections in pg_stat_activity. The budget is proven by what the server sees,
+never by our own counters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Callable, Dict, List, Optional
+
+import psycopg2
+import pytest
+from xprocess import ProcessStarter
+
+from devtools.pgcluster import PgCluster
+from poolbroker.cli import query_status
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "integration", "worker.py")
+
+
+@pytest.fixture(scope="session")
+def pg():
+    cluster = PgCluster(max_connections=300).start()
+    yield cluster
+    cluster.stop()
+
+
+def short_ipc(prefix: str = "pbt") -> str:
+    # ipc paths are limited to 107 bytes: keep them in /tmp with a short name.
+    return f"ipc:///tmp/{prefix}-{uuid.uuid4().hex[:10]}.sock"
+
+
+class BrokerHandle:
+    def __init__(self, url: str, name: str, pid: int, log: str, xprocess) -> None:
+        self.url, self.name, self.pid, self.log, self._xprocess = url, name, pid, log, xprocess
+
+    def status(self, timeout: float = 3.0) -> dict:
+        return query_status(self.url, timeout)
+
+    def leased(self, pool: str = "default") -> int:
+        return self.status()["pools"][pool]["leased"]
+
+    def wait_for(self, predicate: Callable[[dict], bool], timeout: float) -> dict:
+        """Poll status until ``predicate(status)`` holds; the last status otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status) or time.monotonic() > deadline:
+                return status
+            time.sleep(0.02)
+
+    def log_text(self) -> str:
+        with open(self.log, errors="replace") as fh:
+            return fh.read()
+
+    def stop(self) -> None:
+        self._xprocess.getinfo(self.name).terminate()
+
+
+@pytest.fixture
+def broker_factory(xprocess):
+    started: List[BrokerHandle] = []
+
+    def start(pools: Optional[Dict[str, int]] = None, ttl: Optional[float] = None,
+              url: Optional[str] = None) -> BrokerHandle:
+        url = url or short_ipc()
+        argv = [sys.executable, "-m", "poolbroker", "serve", "--bind", url]
+        for name, size in (pools or {"default": 6}).items():
+            argv += ["--pool", f"{name}={size}"]
+        if ttl is not None:
+            argv += ["--ttl", str(ttl)]
+
+        class Starter(ProcessStarter):
+            pattern = "poolbroker ready"
+            timeout = 20
+            terminate_on_interrupt = True
+            args = argv
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+        name = f"broker-{uuid.uuid4().hex[:8]}"
+        pid, log = xprocess.ensure(name, Starter)
+        handle = BrokerHandle(url, name, pid, str(log), xprocess)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture
+def broker(broker_factory):
+    return broker_factory({"default": 6})
+
+
+class Sampler:
+    """Counts server connections per application_name every ``interval`` seconds
+    from its own admin connection, and keeps the maximum seen."""
+
+    def __init__(self, dsn: str, tags: List[str], interval: float = 0.01) -> None:
+        self.dsn, self.tags, self.interval = dsn, tags, interval
+        self.max: Dict[str, int] = dict.fromkeys(tags, 0)
+        self.max_total = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = psycopg2.connect(self.dsn, application_name="pbt-sampler")
+        conn.autocommit = True
+        cur = conn.cursor()
+        while not self._stop.is_set():
+            cur.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                        "WHERE application_name = ANY(%s) GROUP BY 1", (self.tags,))
+            counts = dict(cur.fetchall())
+            for tag in self.tags:
+                self.max[tag] = max(self.max[tag], counts.get(tag, 0))
+            self.max_total = max(self.max_total, sum(counts.values()))
+            self.samples += 1
+            self._stop.wait(self.interval)
+        conn.close()
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def count_backends(dsn: str, tag: str) -> int:
+    with psycopg2.connect(dsn, application_name="pbt-counter") as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                        (tag,))
+            n = cur.fetchone()[0]
+    conn.close()
+    return n
+
+
+def tagged(dsn: str, tag: str) -> str:
+    return f"{dsn} application_name={tag}"
+
+
+def new_tag() -> str:
+    return f"pbt-{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """A real worker process running tests/integration/worker.py with a JSON config."""
+
+    def __init__(self, config: dict) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, WORKER, json.dumps(config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_line(self, prefix: str, timeout: float = 20.0) -> str:
+        """Read stdout until a line starting with ``prefix`` (with a deadline)."""
+        result: List[str] = []
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                if line.startswith(prefix):
+                    result.append(line.strip())
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not result:
+            self.proc.kill()
+            raise AssertionError(f"worker never printed {prefix!r}; stderr: "
+                                 f"{self.proc.stderr.read()[-3000:]}")
+        return result[0]
+
+    def result(self, timeout: float = 120.0) -> dict:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"worker failed ({self.proc.returncode}): {err[-3000:]}"
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert lines, f"worker printed no result; stderr: {err[-3000:]}"
+        return json.loads(lines[-1][len("RESULT "):])
+
+    def finish(self) -> None:
+        """Let a holding worker go (it exits cleanly when stdin closes)."""
+        self.proc.stdin.close()
+        self.proc.stdin = None  # so that communicate() does not flush it
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.proc.send_signal(sig)
+        self.proc.wait(10)

@@ -3,7 +3,6 @@
 import time
 
 import pytest
-
 from conftest import Sampler, Worker, new_tag, tagged
 from poolbroker_client import ConnectionPool, PoolTimeout
 

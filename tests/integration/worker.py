@@ -14,7 +14,6 @@ import threading
 import time
 
 import psycopg2
-
 from poolbroker_client import ConnectionPool, PoolTimeout
 
 

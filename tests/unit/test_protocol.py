@@ -76,8 +76,8 @@ def test_random_bytes_never_escape_as_anything_but_protocol_error(data):
 
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
-    | st.binary(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=5)
     | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=20)

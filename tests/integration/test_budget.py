@@ -3,8 +3,10 @@
 import time
 
 import pytest
-from conftest import Sampler, Worker, new_tag, tagged
+
 from poolbroker_client import ConnectionPool, PoolTimeout
+
+from conftest import Sampler, Worker, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 

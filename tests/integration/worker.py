@@ -14,6 +14,7 @@ import threading
 import time
 
 import psycopg2
+
 from poolbroker_client import ConnectionPool, PoolTimeout
 
 

@@ -4,7 +4,8 @@ Modes:
   load   threads x iterations of ``with pool.connection(): SELECT pg_sleep(sleep)``
   hold   take ``n`` connections, print ``HOLDING <backend pids>``, keep them until
          stdin closes, then give them back and exit cleanly
-  mp     a pool created before fork, used by multiprocessing (fork) children
+  mp     a pool used before fork, then by multiprocessing (fork) children
+  fork   os.fork() with idle and in-use connections (see fork())
 Prints ``RESULT <json>`` at the end.
 """
 
@@ -73,19 +74,72 @@ def mp(cfg, pool):
 
     global _MP_POOL
     _MP_POOL = pool
-    # the parent uses the pool before forking: children must not inherit that
-    with pool.connection() as conn:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            parent_pid = cur.fetchone()[0]
+    # the parent holds a connection across the fork: children must not inherit it
+    conn = pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        parent_pid = cur.fetchone()[0]
+    conn.commit()
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(cfg.get("procs", 4)) as mpool:
-        child_pids = mpool.map(_mp_child, range(cfg.get("tasks", 20)))
-    with pool.connection() as conn:  # the parent's connection survived the children
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            after = cur.fetchone()[0]
+    mpool = ctx.Pool(cfg.get("procs", 4))
+    child_pids = mpool.map(_mp_child, range(cfg.get("tasks", 20)))
+    if cfg.get("terminate"):
+        mpool.terminate()  # SIGTERM: what `with Pool()` does on exit
+    else:
+        mpool.close()  # workers exit normally
+    mpool.join()
+    with conn.cursor() as cur:  # the parent's session survived the children
+        cur.execute("SELECT pg_backend_pid()")
+        after = cur.fetchone()[0]
+    conn.commit()
+    pool.putconn(conn)
     return {"parent_pid": parent_pid, "after": after, "child_pids": sorted(set(child_pids))}
+
+
+def fork(cfg, pool):
+    """Fork with one idle and one in-use connection; the child uses the pool, even
+    closes the inherited connection by mistake, and exits; the parent's sessions
+    must be untouched."""
+    import gc
+    import os
+
+    idle = pool.getconn()
+    busy = pool.getconn()
+    idle_pid, busy_pid = idle.get_backend_pid(), busy.get_backend_pid()
+    pool.putconn(idle)
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            stats = pool.get_stats()
+            assert stats["pool_size"] == 0 and stats["pool_available"] == 0, stats
+            with pool.connection(timeout=10) as conn:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_backend_pid()")
+                    child_pid = cur.fetchone()[0]
+            assert child_pid not in (idle_pid, busy_pid)
+            busy.close()  # a mistake users make: must not end the parent's session
+            pool.close()
+            gc.collect()
+        except BaseException as exc:
+            print(f"child failed: {exc!r}", file=sys.stderr, flush=True)
+            code = 1
+        sys.exit(code)  # a normal exit: atexit and finalizers run
+    _, status = os.waitpid(child, 0)
+    with busy.cursor() as cur:  # the parent's in-use session is alive
+        cur.execute("SELECT pg_backend_pid()")
+        busy_after = cur.fetchone()[0]
+    busy.rollback()
+    pool.putconn(busy)
+    with pool.connection() as conn:  # and so is the idle one (LIFO: the busy one first)
+        conn2 = pool.getconn()
+        pids = {conn.get_backend_pid(), conn2.get_backend_pid()}
+        for c in (conn, conn2):
+            with c.cursor() as cur:
+                cur.execute("SELECT 1")
+        pool.putconn(conn2)
+    return {"child_exit": os.waitstatus_to_exitcode(status), "busy_pid": busy_pid,
+            "busy_after": busy_after, "idle_pid": idle_pid, "pids_after": sorted(pids)}
 
 
 def main():
@@ -93,7 +147,7 @@ def main():
     pool = ConnectionPool(cfg["dsn"], broker=cfg["broker"], pool=cfg.get("pool"),
                           max_size=cfg.get("max_size"), timeout=cfg.get("timeout", 30),
                           name=cfg.get("name"))
-    mode = {"load": load, "hold": hold, "mp": mp}[cfg["mode"]]
+    mode = {"load": load, "hold": hold, "mp": mp, "fork": fork}[cfg["mode"]]
     t0 = time.monotonic()
     result = mode(cfg, pool)
     result["elapsed"] = time.monotonic() - t0

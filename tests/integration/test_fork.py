@@ -1,0 +1,37 @@
+"""Fork safety: a pool created (and used) before fork works in the child with a
+fresh socket and no inherited connections; the parent's sessions survive."""
+
+import pytest
+
+from conftest import Sampler, Worker, new_tag, tagged
+
+pytestmark = pytest.mark.integration
+
+
+def test_os_fork_child_gets_fresh_pool_and_parent_sessions_survive(pg, broker_factory):
+    broker = broker_factory({"default": 4})
+    tag = new_tag()
+    result = Worker(dict(mode="fork", dsn=tagged(pg.dsn, tag), broker=broker.url)).result()
+    assert result["child_exit"] == 0, result
+    assert result["busy_after"] == result["busy_pid"], result
+    assert result["pids_after"] == sorted([result["busy_pid"], result["idle_pid"]]), result
+    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
+    assert status["pools"]["default"]["leased"] == 0
+
+
+@pytest.mark.parametrize("ending", ["close", "terminate"])
+def test_multiprocessing_fork_children_share_the_budget(pg, broker_factory, ending):
+    broker = broker_factory({"default": 3})
+    tag = new_tag()
+    with Sampler(pg.dsn, [tag]) as sampler:
+        result = Worker(dict(mode="mp", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                             procs=4, tasks=40, terminate=ending == "terminate")).result()
+    assert result["after"] == result["parent_pid"], "the parent's session was disturbed"
+    assert result["parent_pid"] not in result["child_pids"]
+    assert sampler.max[tag] <= 3, sampler.max
+    # Children that exit normally end with os._exit, which skips atexit; a
+    # multiprocessing finalizer gives their leases back at once. Children killed
+    # by Pool.terminate() (SIGTERM) lose theirs when the TTL runs out.
+    within = 1.0 if ending == "close" else 5.0
+    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, within)
+    assert status["pools"]["default"]["leased"] == 0

@@ -2,6 +2,7 @@
 
 Modes:
   load   threads x iterations of ``with pool.connection(): SELECT pg_sleep(sleep)``
+  idle   open ``n`` connections and keep them idle until stdin closes
   hold   take ``n`` connections, print ``HOLDING <backend pids>``, keep them until
          stdin closes, then give them back and exit cleanly
   mp     a pool used before fork, then by multiprocessing (fork) children
@@ -56,6 +57,16 @@ def hold(cfg, pool):
     for conn in conns:
         pool.putconn(conn)
     return {"held": len(conns)}
+
+
+def idle(cfg, pool):
+    """Open ``n`` connections, return them (idle in the pool), wait for stdin."""
+    conns = [pool.getconn() for _ in range(cfg["n"])]
+    for conn in conns:
+        pool.putconn(conn)
+    print("IDLE", flush=True)
+    sys.stdin.read()
+    return pool.get_stats()
 
 
 def _mp_child(_):
@@ -147,7 +158,7 @@ def main():
     pool = ConnectionPool(cfg["dsn"], broker=cfg["broker"], pool=cfg.get("pool"),
                           max_size=cfg.get("max_size"), timeout=cfg.get("timeout", 30),
                           name=cfg.get("name"))
-    mode = {"load": load, "hold": hold, "mp": mp, "fork": fork}[cfg["mode"]]
+    mode = {"load": load, "hold": hold, "mp": mp, "fork": fork, "idle": idle}[cfg["mode"]]
     t0 = time.monotonic()
     result = mode(cfg, pool)
     result["elapsed"] = time.monotonic() - t0

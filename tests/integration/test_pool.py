@@ -1,0 +1,212 @@
+"""ConnectionPool behaviour, psycopg_pool-style, against a real broker and server."""
+
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from poolbroker_client import ConnectionPool, PoolClosed, PoolError, PoolTimeout
+
+from conftest import Sampler, Worker, count_backends, new_tag, tagged
+
+pytestmark = pytest.mark.integration
+
+PSYCOPG_POOL_KEYS = {"pool_min", "pool_max", "pool_size", "pool_available",
+                     "requests_waiting", "requests_num", "requests_queued",
+                     "requests_wait_ms", "requests_errors", "returns_bad",
+                     "connections_num", "connections_ms", "connections_errors"}
+
+
+@pytest.fixture
+def table(pg):
+    name = f"t_{new_tag().replace('-', '_')}"
+    with psycopg2.connect(pg.dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {name} (v int)")
+    conn.close()
+    return name
+
+
+def _count(pg, table):
+    with psycopg2.connect(pg.dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table}")
+        n = cur.fetchone()[0]
+    conn.close()
+    return n
+
+
+def test_connection_context_commits_or_rolls_back(pg, broker, table):
+    with ConnectionPool(pg.dsn, broker=broker.url) as pool:
+        with pool.connection() as conn:
+            conn.cursor().execute(f"INSERT INTO {table} VALUES (1)")
+        with pytest.raises(RuntimeError, match="application failure"):
+            with pool.connection() as conn:
+                conn.cursor().execute(f"INSERT INTO {table} VALUES (2)")
+                raise RuntimeError("application failure")
+        assert pool.get_stats()["pool_available"] == 1  # back in the pool both times
+    assert _count(pg, table) == 1
+
+
+def test_connection_returned_in_transaction_is_rolled_back(pg, broker, table):
+    with ConnectionPool(pg.dsn, broker=broker.url, max_size=1) as pool:
+        conn = pool.getconn()
+        conn.cursor().execute(f"INSERT INTO {table} VALUES (1)")
+        pool.putconn(conn)  # no commit
+        conn2 = pool.getconn()
+        assert conn2 is conn
+        assert conn2.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        pool.putconn(conn2)
+    assert _count(pg, table) == 0
+
+
+def test_connection_in_error_is_rolled_back_and_reused(pg, broker):
+    with ConnectionPool(pg.dsn, broker=broker.url, max_size=1) as pool:
+        conn = pool.getconn()
+        with pytest.raises(psycopg2.Error):
+            conn.cursor().execute("SELECT nonsense_column")
+        pool.putconn(conn)
+        with pool.connection() as conn2:
+            assert conn2 is conn
+            conn2.cursor().execute("SELECT 1")
+
+
+def test_configure_and_reset_callbacks(pg, broker):
+    seen = {"configure": 0, "reset": 0}
+
+    def configure(conn):
+        seen["configure"] += 1
+        conn.autocommit = True
+        conn.cursor().execute("SET application_name = 'configured'")
+
+    def reset(conn):
+        seen["reset"] += 1
+
+    with ConnectionPool(pg.dsn, broker=broker.url, configure=configure, reset=reset) as pool:
+        for _ in range(3):
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                cur.execute("SHOW application_name")
+                assert cur.fetchone()[0] == "configured"
+    assert seen == {"configure": 1, "reset": 3}
+
+
+def test_putconn_of_a_foreign_connection_is_refused(pg, broker):
+    with ConnectionPool(pg.dsn, broker=broker.url) as pool:
+        stranger = psycopg2.connect(pg.dsn)
+        with pytest.raises(PoolError, match="doesn't come from it"):
+            pool.putconn(stranger)
+        stranger.close()
+        conn = pool.getconn()
+        pool.putconn(conn)
+        with pytest.raises(PoolError, match="returned twice"):
+            pool.putconn(conn)
+
+
+def test_closed_pool_refuses_and_wakes_waiters(pg, broker_factory):
+    broker = broker_factory({"default": 1})
+    pool = ConnectionPool(pg.dsn, broker=broker.url, timeout=30)
+    held = pool.getconn()
+    errors = []
+
+    def wait():
+        try:
+            pool.getconn()
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    deadline = time.monotonic() + 5
+    while pool.get_stats()["requests_waiting"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.close()
+    t.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], PoolClosed)
+    assert pool.closed
+    with pytest.raises(PoolClosed):
+        pool.getconn()
+    pool.putconn(held)  # handed back after close: closed and released
+    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)[
+        "pools"]["default"]["leased"] == 0
+
+
+def test_local_max_size_caps_this_process(pg, broker_factory):
+    broker = broker_factory({"default": 10})
+    tag = new_tag()
+    with Sampler(pg.dsn, [tag]) as sampler:
+        result = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                             max_size=2, threads=6, iterations=10, sleep=0.01)).result()
+    assert result["ok"] == 60
+    assert sampler.max[tag] <= 2 and result["stats"]["pool_max"] == 2
+
+
+def test_min_size_kept_warm_and_max_idle_gives_leases_back(pg, broker_factory):
+    broker = broker_factory({"default": 6})
+    tag = new_tag()
+    with ConnectionPool(tagged(pg.dsn, tag), broker=broker.url, min_size=2,
+                        max_idle=0.5) as pool:
+        pool.wait(10)
+        assert pool.get_stats()["pool_size"] == 2
+        assert broker.leased() == 2 and count_backends(pg.dsn, tag) == 2
+        conns = [pool.getconn() for _ in range(5)]
+        for conn in conns:
+            pool.putconn(conn)
+        assert broker.leased() == 5
+        # idle above min_size closes after max_idle; the leases go back
+        status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 2, 10)
+        assert status["pools"]["default"]["leased"] == 2
+        assert count_backends(pg.dsn, tag) == 2
+    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)[
+        "pools"]["default"]["leased"] == 0
+
+
+def test_get_stats_has_psycopg_pool_keys_and_lease_figures(pg, broker):
+    with ConnectionPool(pg.dsn, broker=broker.url, min_size=0, max_size=4) as pool:
+        with pool.connection():
+            stats = pool.get_stats()
+    assert PSYCOPG_POOL_KEYS <= set(stats)
+    assert stats["leases_held"] == 1 and stats["pool_size"] == 1
+    assert stats["pool_available"] == 0 and stats["requests_num"] == 1
+    assert "ConnectionPool" in repr(pool) and "closed" in repr(pool)
+
+
+def test_idle_leases_elsewhere_are_recalled_for_a_waiter(pg, broker_factory):
+    broker = broker_factory({"default": 2})
+    tag = new_tag()
+    holder = Worker(dict(mode="idle", n=2, dsn=tagged(pg.dsn, tag), broker=broker.url))
+    holder.wait_line("IDLE")
+    assert broker.leased() == 2
+    with Sampler(pg.dsn, [tag]) as sampler:
+        with ConnectionPool(tagged(pg.dsn, tag), broker=broker.url, timeout=3) as pool:
+            # the holder's connections are idle: one is closed and its lease handed on
+            with pool.connection() as conn:
+                conn.cursor().execute("SELECT 1")
+    assert sampler.max[tag] <= 2
+    holder.finish()
+    stats = holder.result()
+    assert stats["leases_recalled"] >= 1
+
+
+def test_fair_share_a_busy_process_does_not_starve_a_light_one(pg, broker_factory):
+    """One process keeps 8 threads hammering a budget of 3; another asks now and
+    then with a short timeout. Pure FIFO would starve it: the busy process hands
+    returned connections straight to its own waiting threads."""
+    broker = broker_factory({"default": 3})
+    tag = new_tag()
+    with Sampler(pg.dsn, [tag]) as sampler:
+        hog = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                          threads=8, iterations=60, sleep=0.02, timeout=60))
+        time.sleep(0.5)  # let the hog fill the budget first (not synchronisation)
+        light = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                            threads=1, iterations=15, sleep=0.005, timeout=2)).result()
+        hog_result = hog.result()
+    assert light["timeouts"] == 0 and light["ok"] == 15, light
+    assert hog_result["ok"] == 480 and hog_result["timeouts"] == 0
+    assert sampler.max[tag] <= 3
+
+
+def test_pool_timeout_is_a_psycopg2_pool_error(pg, broker):
+    import psycopg2.pool
+
+    assert issubclass(PoolTimeout, psycopg2.pool.PoolError)
+    assert issubclass(PoolClosed, psycopg2.pool.PoolError)

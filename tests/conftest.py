@@ -20,6 +20,7 @@ import pytest
 from xprocess import ProcessStarter
 
 from devtools.pgcluster import PgCluster
+from devtools.sampler import Sampler  # noqa: F401  (tests import it from here)
 from poolbroker.cli import query_status
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,42 +100,6 @@ def broker_factory(xprocess):
 @pytest.fixture
 def broker(broker_factory):
     return broker_factory({"default": 6})
-
-
-class Sampler:
-    """Counts server connections per application_name every ``interval`` seconds
-    from its own admin connection, and keeps the maximum seen."""
-
-    def __init__(self, dsn: str, tags: List[str], interval: float = 0.01) -> None:
-        self.dsn, self.tags, self.interval = dsn, tags, interval
-        self.max: Dict[str, int] = dict.fromkeys(tags, 0)
-        self.max_total = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        conn = psycopg2.connect(self.dsn, application_name="pbt-sampler")
-        conn.autocommit = True
-        cur = conn.cursor()
-        while not self._stop.is_set():
-            cur.execute("SELECT application_name, count(*) FROM pg_stat_activity "
-                        "WHERE application_name = ANY(%s) GROUP BY 1", (self.tags,))
-            counts = dict(cur.fetchall())
-            for tag in self.tags:
-                self.max[tag] = max(self.max[tag], counts.get(tag, 0))
-            self.max_total = max(self.max_total, sum(counts.values()))
-            self.samples += 1
-            self._stop.wait(self.interval)
-        conn.close()
-
-    def __enter__(self) -> "Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def count_backends(dsn: str, tag: str) -> int:

@@ -30,10 +30,10 @@ def test_preloaded_gunicorn_fleet_under_budget(pg, broker_factory):
     tag = new_tag()
     port = free_port()
     env = {**os.environ, "PB_DSN": tagged(pg.dsn, tag), "POOLBROKER_URL": broker.url,
-           "PYTHONPATH": os.path.join(HERE, "integration")}
+           "PYTHONPATH": os.path.dirname(HERE)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--preload", "-w", "4", "--threads", "4",
-         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "webapp:app"],
+         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "demo.webapp:app"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:

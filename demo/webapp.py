@@ -1,4 +1,4 @@
-"""A WSGI app for the gunicorn test and the demo. The pool is created at import,
+"""The demo web app (also used by the gunicorn test). The pool is created at import,
 so with ``gunicorn --preload`` it exists before the workers are forked; the master
 even uses it once, so the workers inherit a pool that has a connection."""
 

@@ -1,0 +1,133 @@
+"""The main job: a broker and a demo fleet against a throwaway PostgreSQL, showing
+that the budget holds.
+
+A preloaded gunicorn web app (4 workers x 4 threads) under load and a
+multiprocessing batch job (4 processes) share one budget (default 4). Without
+poolbroker each would size its own pools: 4 workers x 4 + 4 = 20 connections.
+pg_stat_activity is sampled every 10 ms and the maximum is compared with the budget.
+
+    python -m demo.run [--budget 4] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from devtools.pgcluster import PgCluster, free_port
+from devtools.sampler import Sampler
+from poolbroker.cli import query_status
+
+TAG = "pb-demo"
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the web fleet did not come up at {url}") from None
+            time.sleep(0.1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs: list = []
+    with PgCluster() as pg:
+        url = f"ipc:///tmp/pb-demo-{uuid.uuid4().hex[:8]}.sock"
+        env = {**os.environ, "POOLBROKER_URL": url, "PYTHONPATH": root,
+               "PB_DSN": f"{pg.dsn} application_name={TAG}"}
+        print(f"PostgreSQL: {pg.dsn} (throwaway, in {pg.dir})")
+        try:
+            broker = subprocess.Popen(
+                [sys.executable, "-m", "poolbroker", "serve", "--bind", url,
+                 "--pool", f"default={args.budget}"], env=env)
+            procs.append(broker)
+            port = free_port()
+            web = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "--preload", "-w", "4", "--threads", "4",
+                 "-b", f"127.0.0.1:{port}", "--log-level", "warning", "demo.webapp:app"],
+                env=env)
+            procs.append(web)
+            site = f"http://127.0.0.1:{port}/"
+            _wait_http(site, web)
+            print(f"web fleet: gunicorn --preload, 4 workers x 4 threads at {site}")
+            print("batch job: 4 multiprocessing workers")
+            print(f"budget: {args.budget} connections for all of them "
+                  "(separate pools would want 4 x 4 + 4 = 20)\n")
+
+            batch = subprocess.Popen(
+                [sys.executable, "-m", "demo.batch", "4", str(args.seconds)],
+                env=env, stdout=subprocess.PIPE, text=True)
+            procs.append(batch)
+            ok = [0]
+            failed = [0]
+            stop = threading.Event()
+
+            def hit() -> None:
+                while not stop.is_set():
+                    try:
+                        urllib.request.urlopen(site, timeout=60).read()
+                        ok[0] += 1
+                    except OSError:
+                        failed[0] += 1
+
+            with Sampler(pg.dsn, [TAG], interval=0.01) as sampler:
+                with ThreadPoolExecutor(32) as ex:
+                    for _ in range(32):
+                        ex.submit(hit)
+                    start = time.monotonic()
+                    while time.monotonic() - start < args.seconds:
+                        time.sleep(1.0)
+                        print(f"t={time.monotonic() - start:4.1f}s  server connections: "
+                              f"max seen {sampler.max[TAG]} / budget {args.budget}  "
+                              f"web requests ok {ok[0]}  failed {failed[0]}", flush=True)
+                    stop.set()
+                batch_out, _ = batch.communicate(timeout=60)
+            web.send_signal(signal.SIGTERM)
+            web.wait(30)
+            done = [line for line in batch_out.splitlines() if line.startswith("BATCH ")]
+            deadline = time.monotonic() + 2.0  # the last releases are on their way
+            status = query_status(url)
+            while status["pools"]["default"]["leased"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+                status = query_status(url)
+            print(f"\nweb requests served: {ok[0]} ok, {failed[0]} failed")
+            print(f"batch transactions: {done[0].split()[1] if done else '?'}")
+            print(f"pg_stat_activity samples: {sampler.samples}, "
+                  f"max server connections seen: {sampler.max[TAG]}")
+            print(f"broker after the fleet exited: {status['pools']['default']['leased']} "
+                  f"leased, {len(status['clients'])} clients")
+            held = sampler.max[TAG] <= args.budget and failed[0] == 0
+            verdict = "OK: the budget held" if held else "FAILED"
+            print(f"\n{verdict}: max {sampler.max[TAG]} server connections, budget "
+                  f"{args.budget}, {failed[0]} failed requests")
+            return 0 if held else 1
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

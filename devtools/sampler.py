@@ -1,0 +1,44 @@
+"""Counting server connections the way the server sees them: pg_stat_activity."""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List
+
+import psycopg2
+
+
+class Sampler:
+    """Counts server connections per application_name every ``interval`` seconds
+    from its own admin connection, and keeps the maximum seen."""
+
+    def __init__(self, dsn: str, tags: List[str], interval: float = 0.01) -> None:
+        self.dsn, self.tags, self.interval = dsn, tags, interval
+        self.max: Dict[str, int] = dict.fromkeys(tags, 0)
+        self.max_total = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = psycopg2.connect(self.dsn, application_name="pbt-sampler")
+        conn.autocommit = True
+        cur = conn.cursor()
+        while not self._stop.is_set():
+            cur.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                        "WHERE application_name = ANY(%s) GROUP BY 1", (self.tags,))
+            counts = dict(cur.fetchall())
+            for tag in self.tags:
+                self.max[tag] = max(self.max[tag], counts.get(tag, 0))
+            self.max_total = max(self.max_total, sum(counts.values()))
+            self.samples += 1
+            self._stop.wait(self.interval)
+        conn.close()
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)

@@ -11,13 +11,12 @@ has exited (it leaves ``pg_stat_activity`` before that).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 log = logging.getLogger("poolbroker_client")
 
@@ -32,51 +31,59 @@ def watch(conn: Any) -> Optional[int]:
         return None
 
 
-def wait_eof(fd: Optional[int], timeout: float) -> bool:
-    """Wait until the peer of socket ``fd`` has closed, then close ``fd``.
-    Returns False if ``timeout`` passed first (the descriptor is closed anyway)."""
-    if fd is None:
-        return True
+def wait_eof(fds: List[Optional[int]], timeout: float) -> List[int]:
+    """Wait until the peer of every socket in ``fds`` has closed, then close them.
+    Returns the descriptors whose peer was still there at ``timeout`` (closed too)."""
+    socks = {}
+    for fd in fds:
+        if fd is None:
+            continue
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            continue
+        sock.setblocking(False)
+        socks[fd] = sock
+    poller = select.poll()
+    for fd in socks:
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     deadline = time.monotonic() + timeout
     try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        return True
-    try:
-        sock.setblocking(False)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        while True:
+        while socks:
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
-            if not poller.poll(left * 1000):
-                continue
-            try:
-                if not sock.recv(65536):
-                    return True
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EINTR):
+                return list(socks)
+            for fd, _ in poller.poll(left * 1000):
+                try:
+                    if socks[fd].recv(65536):
+                        continue  # late data from the server: keep reading to EOF
+                except (BlockingIOError, InterruptedError):
                     continue
-                return True  # reset or similar: the connection is gone
+                except OSError:
+                    pass  # reset: the connection is gone
+                poller.unregister(fd)
+                socks.pop(fd).close()
+        return []
     finally:
-        sock.close()
+        for sock in socks.values():
+            sock.close()
 
 
-def close_and_wait(conn: Any, fd: Optional[int], timeout: float = 10.0) -> bool:
-    """Close ``conn`` and wait until the server has seen it go (see module doc)."""
-    try:
-        conn.close()
-    except Exception:
-        pass
-    ok = wait_eof(fd, timeout)
-    if not ok:
-        log.warning("backend of a closed connection still there after %.0fs; "
-                    "giving its lease back anyway", timeout)
-    return ok
+def close_and_wait(items: List[Tuple[Any, Optional[int]]], timeout: float = 10.0) -> int:
+    """Close every ``(conn, fd)`` and wait until the server has seen them go (see the
+    module doc). All Terminates go out first, so N connections cost one wait.
+    Returns how many were still there at ``timeout``."""
+    for conn, _ in items:
+        try:
+            conn.close()
+        except Exception:
+            pass
+    late = wait_eof([fd for _, fd in items], timeout)
+    if late:
+        log.warning("%d closed connection(s) still had a backend after %.0fs; "
+                    "giving their leases back anyway", len(late), timeout)
+    return len(late)
 
 
 def forget_in_child(conn: Any, fd: Optional[int]) -> None:

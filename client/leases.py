@@ -212,6 +212,7 @@ class LeaseClient:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
@@ -222,9 +223,12 @@ class LeaseClient:
         with self._lock:
             self._outbox.insert(0, self._hello())
         next_beat = time.monotonic() + self._heartbeat
+        backlog = False
         try:
             while True:
                 wait = max(0.0, next_beat - time.monotonic())
+                if backlog:
+                    wait = min(wait, 0.1)
                 events = dict(poller.poll(int(wait * 1000) + 1))
                 if self._wake_r.fileno() in events:
                     try:
@@ -235,8 +239,7 @@ class LeaseClient:
                 with self._lock:
                     outbox, self._outbox = self._outbox, []
                     stopping = self._stopping
-                for frame in outbox:
-                    sock.send(frame)
+                backlog = self._send_all(sock, outbox)
                 if stopping:
                     break
                 if sock in events:
@@ -247,13 +250,28 @@ class LeaseClient:
                             break
                         self._on_frame(frame)
                 if time.monotonic() >= next_beat:
-                    sock.send(self._heartbeat_frame())
+                    try:
+                        sock.send(self._heartbeat_frame(), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # the queue to the broker is full: the next beat will do
                     next_beat = time.monotonic() + self._heartbeat
         except Exception:
             log.exception("poolbroker client I/O thread for %s died", self.url)
         finally:
             sock.close()  # linger lets the bye go out
             ctx.term()
+
+    def _send_all(self, sock: zmq.Socket, frames: List[bytes]) -> bool:
+        """Send without blocking; if the queue to an unreachable broker is full,
+        keep the rest (releases must not be lost) and report a backlog."""
+        for i, frame in enumerate(frames):
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                with self._lock:
+                    self._outbox[:0] = frames[i:]
+                return True
+        return False
 
     def _heartbeat_frame(self) -> bytes:
         idle: Dict[str, int] = {}

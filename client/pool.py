@@ -147,7 +147,7 @@ class ConnectionPool:
         self._opening = 0  # leases granted, connection being opened
         self._pending = 0  # lease requests outstanding at the broker
         self._closing = 0  # closed, waiting for the server to see it before release
-        self._jobs: Deque[Tuple[_Conn, str]] = deque()  # connections for the janitor to close
+        self._jobs: Deque[_Conn] = deque()  # discarded connections for the janitor to close
         self._janitor: Optional[threading.Thread] = None
         self._warming = False
         self._warm_backoff = 0.0
@@ -268,8 +268,8 @@ class ConnectionPool:
                 self._fail_locked(w, PoolClosed(f"the pool {self.name!r} is closed"))
             janitor = self._janitor
             self._cond.notify_all()
-        for c in idle:
-            self._close_and_release(c, "pool closed")
+        if idle:
+            self._close_and_release(idle)
         if janitor is not None and janitor is not threading.current_thread():
             janitor.join(timeout)
         log.info("%s: closed", self.name)
@@ -434,7 +434,7 @@ class ConnectionPool:
         server connection exists, so nothing to wait for)."""
         client = self._lease_client()
         t0 = time.monotonic()
-        conn = None
+        conn = fd = None
         try:
             conn = psycopg2.connect(self.conninfo, **self._connect_kwargs(deadline))
             fd = closing.watch(conn)
@@ -451,8 +451,7 @@ class ConnectionPool:
                 self._stats["connections_errors"] += 1
                 self._grow_locked()
             if conn is not None:
-                closing.close_and_wait(conn, closing.watch(conn) if not conn.closed else None,
-                                       self.close_timeout)
+                closing.close_and_wait([(conn, fd)], self.close_timeout)
             client.release(lease)
             raise
         lifetime = self.max_lifetime * random.uniform(0.95, 1.0)  # spread the replacements
@@ -509,8 +508,7 @@ class ConnectionPool:
         if time.monotonic() >= c.expires:
             return "max_lifetime reached"
         if client.take_recall(self._broker_pool):
-            self._stats["leases_recalled"] += 1
-            return "recalled by the broker"
+            return _RECALLED
         return None
 
     def _give_back(self, c: _Conn) -> None:
@@ -542,20 +540,24 @@ class ConnectionPool:
                 return
             self._closing += 1
             self._stats["returns_bad" if reason not in _ROUTINE else "connections_closed"] += 1
-            self._jobs.append((c, reason))
+            if reason == _RECALLED:
+                self._stats["leases_recalled"] += 1
+            self._jobs.append(c)
             self._start_janitor_locked()
             self._cond.notify_all()
 
-    def _close_and_release(self, c: _Conn, reason: str) -> None:
+    def _close_and_release(self, conns: List[_Conn]) -> None:
+        """Close ``conns`` (already out of ``_all`` and counted in ``_closing``), wait
+        until the server has seen them go, then give their leases back."""
         client = self._lease_client()
-        lost = client.is_lost(c.lease)
-        closing.close_and_wait(c.conn, c.fd, self.close_timeout)
-        if lost:
-            client.forget(c.lease)
-        else:
-            client.release(c.lease)
+        closing.close_and_wait([(c.conn, c.fd) for c in conns], self.close_timeout)
+        for c in conns:
+            if client.is_lost(c.lease):
+                client.forget(c.lease)  # the broker no longer counts it
+            else:
+                client.release(c.lease)
         with self._lock:
-            self._closing -= 1
+            self._closing -= len(conns)
             self._grow_locked()
             self._cond.notify_all()
 
@@ -575,7 +577,7 @@ class ConnectionPool:
                 del self._all[id(c.conn)]
                 self._closing += 1
                 self._stats["leases_recalled"] += 1
-                self._jobs.append((c, "recalled by the broker"))
+                self._jobs.append(c)
             if self._jobs:
                 self._start_janitor_locked()
                 self._cond.notify_all()
@@ -589,7 +591,7 @@ class ConnectionPool:
                 del self._all[id(c.conn)]
                 self._closing += 1
                 self._stats["leases_lost"] += 1
-                self._jobs.append((c, "lease expired at the broker"))
+                self._jobs.append(c)
             if self._jobs:
                 self._start_janitor_locked()
                 self._cond.notify_all()
@@ -612,10 +614,11 @@ class ConnectionPool:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                job = self._jobs.popleft() if self._jobs else None
+                jobs = list(self._jobs)
+                self._jobs.clear()
                 stop = self._closed and not self._jobs and not self._warming
-            if job is not None:
-                self._close_and_release(*job)
+            if jobs:
+                self._close_and_release(jobs)
                 continue
             if stop:
                 return
@@ -688,8 +691,8 @@ class ConnectionPool:
             left = list(self._all.values())
             self._all.clear()
             self._closing += len(left)
-        for c in left:
-            self._close_and_release(c, "process exit")
+        if left:
+            self._close_and_release(left)
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: forget every inherited connection without closing it
@@ -709,7 +712,8 @@ class ConnectionPool:
 # finalizes them (their descriptors already point at a dead socket).
 _inherited_graveyard: List[Any] = []
 
-_ROUTINE = {"max_lifetime reached", "idle for max_idle", "recalled by the broker",
+_RECALLED = "recalled by the broker"
+_ROUTINE = {"max_lifetime reached", "idle for max_idle", _RECALLED,
             "pool closed", "process exit", "lease expired at the broker",
             "pool closed while connecting"}
 

@@ -624,7 +624,9 @@ class ConnectionPool:
                 return
             if time.monotonic() >= next_check:
                 self._maintain()
-                next_check = time.monotonic() + min(1.0, self.max_idle / 4, self.max_lifetime / 4)
+                # a quarter of the shortest timer, within [50 ms, 1 s]: never a busy loop
+                interval = min(1.0, self.max_idle / 4, self.max_lifetime / 4)
+                next_check = time.monotonic() + max(0.05, interval)
 
     def _maintain(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,210 @@
+"""Benchmarks, side by side with the anchors in the same run, reported as ratios.
+
+    python -m bench.run [--quick]
+
+- hot path: get + put of an idle connection (poolbroker touches no socket here)
+  vs psycopg2.pool and psycopg_pool's ``connection()``;
+- cold path: lease + connect vs a bare ``psycopg2.connect``;
+- a raw pyzmq DEALER/ROUTER msgpack round trip (the floor of one broker exchange).
+
+Each figure is the median of several rounds. This is not a test: nothing here
+asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Callable, Dict
+
+import msgpack
+import psycopg2
+import psycopg2.pool
+import zmq
+
+from devtools.pgcluster import PgCluster
+from poolbroker.cli import query_status
+from poolbroker_client import ConnectionPool
+
+
+def per_op(fn: Callable[[], None], n: int, rounds: int) -> float:
+    """Median seconds per call of ``fn`` over ``rounds`` rounds of ``n`` calls."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def start_broker(url: str, budget: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "poolbroker", "serve", "--bind", url,
+                             "--pool", f"default={budget}", "--log-level", "WARNING"])
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            query_status(url, 0.5)
+            return proc
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+
+
+def bench_hot(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    simple = psycopg2.pool.SimpleConnectionPool(1, 1, dsn)
+    out["psycopg2.pool Simple get+put"] = per_op(
+        lambda: simple.putconn(simple.getconn()), n, rounds)
+    simple.closeall()
+    threaded = psycopg2.pool.ThreadedConnectionPool(1, 1, dsn)
+    out["psycopg2.pool Threaded get+put"] = per_op(
+        lambda: threaded.putconn(threaded.getconn()), n, rounds)
+    threaded.closeall()
+    try:
+        import psycopg_pool
+
+        ppool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=1, open=True)
+        ppool.wait()
+
+        def pp_conn() -> None:
+            with ppool.connection():
+                pass
+
+        out["psycopg_pool connection()"] = per_op(pp_conn, n, rounds)
+        ppool.close()
+    except ImportError:
+        print("psycopg_pool not installed: its anchor is skipped", file=sys.stderr)
+    pool = ConnectionPool(dsn, broker=url, max_size=1)
+    pool.putconn(pool.getconn())  # warm: one idle leased connection
+    out["poolbroker getconn+putconn"] = per_op(lambda: pool.putconn(pool.getconn()), n, rounds)
+
+    def pb_conn() -> None:
+        with pool.connection():
+            pass
+
+    out["poolbroker connection()"] = per_op(pb_conn, n, rounds)
+    pool.close()
+    return out
+
+
+def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
+    """Per connection, both sides alike: open a batch of ``n`` connections (timed,
+    one by one), then close the batch (not timed), so that neither side's opens
+    compete with its own closes."""
+    batch = min(n, 40)
+
+    def bare_round() -> float:
+        total, conns = 0.0, []
+        for _ in range(batch):
+            t0 = time.perf_counter()
+            conns.append(psycopg2.connect(dsn))
+            total += time.perf_counter() - t0
+        for conn in conns:
+            conn.close()
+        time.sleep(0.2)  # let the backends exit before the next round
+        return total / batch
+
+    # max_lifetime 0: every returned connection is discarded, so the next getconn
+    # is cold (one lease round trip + connect)
+    pool = ConnectionPool(dsn, broker=url, max_lifetime=0.0)
+    pool.putconn(pool.getconn())  # start the broker link outside the timing
+
+    def pool_round() -> float:
+        total, conns = 0.0, []
+        for _ in range(batch):
+            t0 = time.perf_counter()
+            conns.append(pool.getconn())
+            total += time.perf_counter() - t0
+        for conn in conns:
+            pool.putconn(conn)
+        deadline = time.monotonic() + 10
+        while pool.get_stats()["leases_held"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # closes and releases done before the next round
+        time.sleep(0.2)
+        return total / batch
+
+    bare, pooled = [], []
+    for _ in range(rounds * max(1, n // batch)):  # interleaved: same conditions
+        bare.append(bare_round())
+        pooled.append(pool_round())
+    pool.close()
+    return {"bare psycopg2.connect": statistics.median(bare),
+            "poolbroker cold getconn (lease+connect)": statistics.median(pooled)}
+
+
+def bench_zmq(n: int, rounds: int) -> Dict[str, float]:
+    ctx = zmq.Context.instance()
+    url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(url)
+    stop = threading.Event()
+
+    def echo() -> None:
+        while not stop.is_set():
+            if router.poll(100):
+                ident, frame = router.recv_multipart()
+                msg = msgpack.unpackb(frame)
+                router.send_multipart([ident, msgpack.packb(msg)])
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(url)
+    payload = {"v": 1, "op": "acquire", "rid": 1, "pool": "default", "timeout": 30.0}
+
+    def rt() -> None:
+        dealer.send(msgpack.packb(payload))
+        msgpack.unpackb(dealer.recv())
+
+    rt()
+    out = {"raw pyzmq DEALER/ROUTER msgpack round trip": per_op(rt, n, rounds)}
+    stop.set()
+    t.join()
+    dealer.close(0)
+    router.close(0)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="poolbroker benchmarks")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    args = parser.parse_args()
+    hot_n, cold_n, rounds = (2000, 30, 3) if args.quick else (20000, 200, 5)
+    print(f"machine: {os.cpu_count()} cores; PostgreSQL local (throwaway cluster, TCP loopback)")
+    with PgCluster() as pg:
+        url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
+        broker = start_broker(url, 50)
+        try:
+            hot = bench_hot(pg.dsn, url, hot_n, rounds)
+            cold = bench_cold(pg.dsn, url, cold_n, rounds)
+            rt = bench_zmq(hot_n, rounds)
+        finally:
+            broker.terminate()
+            broker.wait(10)
+    print("\nhot path (idle connection available), per get+put:")
+    base = hot["psycopg2.pool Threaded get+put"]
+    for name, sec in hot.items():
+        print(f"  {name:<40} {sec * 1e6:8.2f} us   {sec / base:5.2f}x psycopg2.pool Threaded")
+    if "psycopg_pool connection()" in hot:
+        ratio = hot["poolbroker connection()"] / hot["psycopg_pool connection()"]
+        print(f"  poolbroker connection() / psycopg_pool connection() = {ratio:.2f}x")
+    print("\ncold path, per connection:")
+    bare = cold["bare psycopg2.connect"]
+    for name, sec in cold.items():
+        print(f"  {name:<40} {sec * 1e3:8.3f} ms   {sec / bare:5.2f}x bare connect")
+    print("\nbroker exchange floor:")
+    for name, sec in rt.items():
+        print(f"  {name:<40} {sec * 1e6:8.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,6 +102,7 @@ class LeaseClient:
     def acquire(self, pool: str, timeout: float, callback: Callback) -> LeaseRequest:
         """Ask for a lease in ``pool``; ``callback(req, lease, error)`` runs on the
         I/O thread when the broker answers, unless :meth:`cancel` wins first."""
+        timeout = min(timeout, p.MAX_TIMEOUT)  # the protocol's cap (a day)
         with self._lock:
             self._ensure_started()
             req = LeaseRequest(next(self._rids), pool, time.monotonic() + timeout, callback,
@@ -400,12 +401,19 @@ def _process_name() -> str:
 
 # --------------------------------------------------------------- process life
 
+# Every pool, for fork handling; open pools are also held strongly, so that a pool
+# dropped without close() is not collected with leases still counted for it.
 _live_pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_open_pools: set = set()
 _exit_hooked_pid = 0
 
 
-def track_pool(pool: Any) -> None:
+def track_pool(pool: Any, is_open: bool) -> None:
     _live_pools.add(pool)
+    if is_open:
+        _open_pools.add(pool)
+    else:
+        _open_pools.discard(pool)
 
 
 def _on_first_start() -> None:
@@ -447,6 +455,7 @@ def _after_fork_in_child() -> None:
     LeaseClient._registry_lock = threading.Lock()
     _graveyard.extend(LeaseClient._registry.values())
     LeaseClient._registry = {}
+    _open_pools.clear()
     for pool in list(_live_pools):
         try:
             pool._after_fork_in_child()

@@ -134,7 +134,7 @@ class ConnectionPool:
         self.name = name or f"pool-{next(self._counter)}"
         self._init_state()
         self._closed = True
-        track_pool(self)
+        track_pool(self, False)
         if open:
             self.open()
 
@@ -173,6 +173,7 @@ class ConnectionPool:
             if not self._closed:
                 return
             self._closed = False
+            track_pool(self, True)
             if self.min_size:
                 self._start_janitor_locked()
         log.info("%s: opened (broker %s, pool %r, min_size %d, max_size %s)", self.name,
@@ -257,6 +258,7 @@ class ConnectionPool:
             if self._closed:
                 return
             self._closed = True
+            track_pool(self, False)
             idle = list(self._idle)
             self._idle.clear()
             for c in idle:
@@ -706,6 +708,7 @@ class ConnectionPool:
         _inherited_graveyard.extend(c.conn for c in inherited)
         self._init_state()
         self._closed = closed
+        track_pool(self, not closed)
         if not closed and self.min_size:
             self._start_janitor_locked()
 

@@ -210,3 +210,16 @@ def test_pool_timeout_is_a_psycopg2_pool_error(pg, broker):
 
     assert issubclass(PoolTimeout, psycopg2.pool.PoolError)
     assert issubclass(PoolClosed, psycopg2.pool.PoolError)
+
+
+def test_pool_dropped_without_close_keeps_broker_and_server_in_agreement(pg, broker):
+    """An open pool is not garbage-collected behind our back (its connections
+    would be closed by the GC with their leases still counted)."""
+    import gc
+
+    tag = new_tag()
+    pool = ConnectionPool(tagged(pg.dsn, tag), broker=broker.url)
+    pool.putconn(pool.getconn())
+    del pool
+    gc.collect()
+    assert broker.leased() == count_backends(pg.dsn, tag) == 1

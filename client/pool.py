@@ -225,6 +225,10 @@ class ConnectionPool:
         A transaction left open is rolled back; a closed or broken connection is
         discarded and its lease given back once the server has seen it close.
         """
+        self._return(conn, None)
+
+    def _return(self, conn: Any, discard: Optional[str]) -> None:
+        """putconn(), or with ``discard`` (the reason) close it instead of keeping it."""
         with self._lock:
             c = self._all.get(id(conn))
             if c is None or c.conn is not conn:
@@ -233,6 +237,9 @@ class ConnectionPool:
             if not c.in_use:
                 raise PoolError(f"{self.name}: connection returned twice")
             c.in_use = False
+        if discard:  # asked for explicitly: closed before we return, like psycopg2's pools
+            self._discard(c, discard, now=True)
+            return
         reason = self._check_returned(c)
         if reason:
             self._discard(c, reason)
@@ -534,9 +541,11 @@ class ConnectionPool:
         if closed:
             self._discard(c, "pool closed")
 
-    def _discard(self, c: _Conn, reason: str) -> None:
-        """Take ``c`` out of the pool; the janitor closes it and releases the lease."""
-        log.info("%s: discarding connection (lease %d): %s", self.name, c.lease, reason)
+    def _discard(self, c: _Conn, reason: str, now: bool = False) -> None:
+        """Take ``c`` out of the pool; the janitor closes it and releases the lease
+        (or this thread, ``now``)."""
+        log.log(logging.DEBUG if reason in _ROUTINE else logging.INFO,
+                "%s: discarding connection (lease %d): %s", self.name, c.lease, reason)
         with self._lock:
             if self._all.pop(id(c.conn), None) is None:
                 return
@@ -544,9 +553,12 @@ class ConnectionPool:
             self._stats["returns_bad" if reason not in _ROUTINE else "connections_closed"] += 1
             if reason == _RECALLED:
                 self._stats["leases_recalled"] += 1
-            self._jobs.append(c)
-            self._start_janitor_locked()
-            self._cond.notify_all()
+            if not now:
+                self._jobs.append(c)
+                self._start_janitor_locked()
+                self._cond.notify_all()
+        if now:
+            self._close_and_release([c])
 
     def _close_and_release(self, conns: List[_Conn]) -> None:
         """Close ``conns`` (already out of ``_all`` and counted in ``_closing``), wait
@@ -687,9 +699,27 @@ class ConnectionPool:
         if self._closed:
             raise PoolClosed(f"the pool {self.name!r} is closed")
 
-    def _close_at_exit(self) -> None:
-        """At interpreter exit: close everything, including connections still in
-        use by daemon threads, so every lease goes back before we leave."""
+    def _clear_idle(self) -> int:
+        """Close every idle connection now and give its lease back (the
+        connections are gone when this returns). Returns how many."""
+        with self._lock:
+            idle = list(self._idle)
+            self._idle.clear()
+            for c in idle:
+                del self._all[id(c.conn)]
+            self._closing += len(idle)
+        if idle:
+            self._close_and_release(idle)
+        return len(idle)
+
+    def _idle_connections(self) -> List[Any]:
+        with self._lock:
+            return [c.conn for c in self._idle]
+
+    def _close_everything(self) -> None:
+        """Close the pool and every connection, including those in use (for
+        psycopg2.pool's closeall(), and at interpreter exit, when only daemon
+        threads can still hold one), so every lease goes back."""
         self.close(timeout=1.0)
         with self._lock:
             left = list(self._all.values())
@@ -697,6 +727,8 @@ class ConnectionPool:
             self._closing += len(left)
         if left:
             self._close_and_release(left)
+
+    _close_at_exit = _close_everything
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: forget every inherited connection without closing it
@@ -720,7 +752,8 @@ _inherited_graveyard: List[Any] = []
 _RECALLED = "recalled by the broker"
 _ROUTINE = {"max_lifetime reached", "idle for max_idle", _RECALLED,
             "pool closed", "process exit", "lease expired at the broker",
-            "pool closed while connecting"}
+            "pool closed while connecting", "putconn(close=True)",
+            "idle_timeout=0 and minconn idle already"}
 
 _STAT_COUNTERS = (
     "requests_num", "requests_queued", "requests_wait_ms", "requests_errors",

@@ -1,0 +1,196 @@
+"""Drop-in for :mod:`psycopg2.pool`, with the broker's budget added.
+
+Change ``from psycopg2.pool import ThreadedConnectionPool`` to
+``from poolbroker_client.compat.psycopg2 import ThreadedConnectionPool``; nothing
+else. The same signatures (``minconn, maxconn, *args, **kwargs``, with ``args`` and
+``kwargs`` for ``psycopg2.connect``), keys, ``putconn(close=True)``, ``closeall()``,
+``closed``, ``minconn``, ``maxconn`` and error messages.
+
+What differs, on purpose:
+
+* every connection lives inside a lease of the broker's budget. ``maxconn`` is
+  still this pool's own cap ("connection pool exhausted" at once, as before); when
+  the *global* budget is full, ``getconn`` waits up to ``timeout`` seconds (default
+  30) for a lease and then raises :class:`PoolTimeout`, a :class:`PoolError`;
+* idle connections beyond ``minconn`` are kept while the budget allows (psycopg2
+  closes them on every return, psycopg2 issue #563), and given back when the broker
+  recalls them or after ``max_idle`` (600 s);
+* ``minconn`` connections are opened at construction if the budget has room;
+  when it is momentarily full they are opened in the background instead of
+  failing the constructor (a bad DSN still raises at once, as before);
+* both pools are thread-safe (psycopg2's ``SimpleConnectionPool`` is not).
+
+Extra keyword arguments ``broker=``, ``pool=``, ``timeout=`` are taken by the pool
+and never passed to ``psycopg2.connect``; ``broker`` defaults to
+``$POOLBROKER_URL`` and ``pool`` to ``$POOLBROKER_POOL``, then ``"default"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Dict, Hashable, List, Optional, Tuple
+
+from ..errors import PoolError, PoolTimeout
+from ..pool import ConnectionPool
+
+__all__ = ["AbstractConnectionPool", "PoolError", "PoolTimeout", "SimpleConnectionPool",
+           "ThreadedConnectionPool"]
+
+log = logging.getLogger("poolbroker_client")
+
+POOL_KEYWORDS = ("broker", "pool", "timeout")
+_PENDING = object()  # a key whose connection is being fetched by another thread
+
+
+def split_connect_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]
+                       ) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """Split ``psycopg2.connect``-style arguments into (dsn, connect kwargs, pool
+    options). The pool options never reach ``psycopg2.connect``."""
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in POOL_KEYWORDS if k in kwargs}
+    names = ("dsn", "connection_factory", "cursor_factory")
+    if len(args) > len(names):
+        raise TypeError(f"psycopg2.connect takes at most {len(names)} positional arguments")
+    for name, value in zip(names, args):
+        if name in kwargs:
+            raise TypeError(f"got multiple values for argument {name!r}")
+        kwargs[name] = value
+    dsn = kwargs.pop("dsn", None) or ""
+    return dsn, kwargs, options
+
+
+class AbstractConnectionPool:
+    """Base class, like ``psycopg2.pool.AbstractConnectionPool``."""
+
+    def __init__(self, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> None:
+        self.minconn = int(minconn)
+        self.maxconn = int(maxconn)
+        self.closed = False
+        dsn, connect_kwargs, options = split_connect_args(args, kwargs)
+        self._args = args
+        self._kwargs = {k: v for k, v in kwargs.items() if k not in POOL_KEYWORDS}
+        self._lock = threading.RLock()
+        self._filled = threading.Condition(self._lock)
+        self._used: Dict[Hashable, Any] = {}
+        self._rused: Dict[int, Hashable] = {}
+        self._keys = 0
+        self._leased = ConnectionPool(
+            dsn, kwargs=connect_kwargs, min_size=min(self.minconn, self.maxconn),
+            max_size=max(1, self.maxconn), timeout=float(options.get("timeout", 30.0)),
+            broker=options.get("broker"), pool=options.get("pool"),
+            name=f"{type(self).__name__}-{id(self):x}")
+        self._prefill()
+
+    def _prefill(self) -> None:
+        # Like psycopg2.pool, open minconn connections now, so that a bad DSN fails
+        # the constructor. If the budget is full, leave them to the background.
+        conns: List[Any] = []
+        try:
+            for _ in range(self.minconn):
+                conns.append(self._leased.getconn(timeout=min(1.0, self._leased.timeout)))
+        except PoolTimeout:
+            log.info("%s: budget full at start; the remaining minconn connections will be "
+                     "opened in the background", self._leased.name)
+        except BaseException:
+            for conn in conns:
+                self._leased.putconn(conn)
+            self._leased.close()
+            raise
+        for conn in conns:
+            self._leased.putconn(conn)
+
+    @property
+    def _pool(self) -> List[Any]:
+        """The idle connections (psycopg2.pool keeps them in this list)."""
+        return self._leased._idle_connections()
+
+    def _getkey(self) -> int:
+        self._keys += 1
+        return self._keys
+
+    def _getconn(self, key: Optional[Hashable] = None) -> Any:
+        with self._lock:
+            if self.closed:
+                raise PoolError("connection pool is closed")
+            if key is None:
+                key = self._getkey()
+            while self._used.get(key, None) is _PENDING:
+                self._filled.wait()
+                if self.closed:
+                    raise PoolError("connection pool is closed")
+            if key in self._used:
+                return self._used[key]
+            if len(self._used) >= self.maxconn:
+                raise PoolError("connection pool exhausted")
+            self._used[key] = _PENDING  # holds the slot while we wait for the budget
+        try:
+            conn = self._leased.getconn()
+        except BaseException:
+            with self._lock:
+                self._used.pop(key, None)
+                self._filled.notify_all()
+            raise
+        with self._lock:
+            self._used[key] = conn
+            self._rused[id(conn)] = key
+            self._filled.notify_all()
+        return conn
+
+    def _putconn(self, conn: Any = None, key: Optional[Hashable] = None,
+                 close: bool = False) -> None:
+        with self._lock:
+            if self.closed:
+                raise PoolError("connection pool is closed")
+            if conn is None:
+                conn = self._used.get(key) if key is not None else None
+                if conn is None or conn is _PENDING:
+                    raise PoolError("trying to put unkeyed connection")
+            if key is None:
+                key = self._rused.get(id(conn))
+                if key is None:
+                    raise PoolError("trying to put unkeyed connection")
+            self._used.pop(key, None)
+            self._rused.pop(id(conn), None)
+        self._leased._return(conn, "putconn(close=True)" if close else None)
+
+    def _closeall(self) -> None:
+        with self._lock:
+            if self.closed:
+                raise PoolError("connection pool is closed")
+            self.closed = True
+            self._used.clear()
+            self._rused.clear()
+            self._filled.notify_all()
+        # like psycopg2.pool: connections in use are closed too
+        self._leased._close_everything()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} minconn={self.minconn} maxconn={self.maxconn} "
+                f"used={len(self._used)} {'closed' if self.closed else 'open'} "
+                f"leasing from {self._leased.broker} pool {self._leased.pool!r}>")
+
+
+class SimpleConnectionPool(AbstractConnectionPool):
+    """Like ``psycopg2.pool.SimpleConnectionPool`` (thread-safe here)."""
+
+    getconn = AbstractConnectionPool._getconn
+    putconn = AbstractConnectionPool._putconn
+    closeall = AbstractConnectionPool._closeall
+
+
+class ThreadedConnectionPool(AbstractConnectionPool):
+    """Like ``psycopg2.pool.ThreadedConnectionPool``."""
+
+    def getconn(self, key: Optional[Hashable] = None) -> Any:
+        """Get a free connection, or the one assigned to ``key``."""
+        return self._getconn(key)
+
+    def putconn(self, conn: Any = None, key: Optional[Hashable] = None,
+                close: bool = False) -> None:
+        """Put away a connection; with ``close``, close it (and give its lease back)."""
+        self._putconn(conn, key, close)
+
+    def closeall(self) -> None:
+        """Close every connection, in use or not; the pool is closed afterwards."""
+        self._closeall()

@@ -191,6 +191,9 @@ class LeaseClient:
         if self._thread is not None:
             return
         self.started = time.monotonic()
+        # hello goes first, and requests made from now on belong to its generation
+        # (so the welcome does not make us re-send them)
+        self._outbox.insert(0, self._hello())
         self._thread = threading.Thread(target=self._run, name=f"poolbroker-io-{self.url}",
                                         daemon=True)
         self._thread.start()
@@ -221,8 +224,6 @@ class LeaseClient:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        with self._lock:
-            self._outbox.insert(0, self._hello())
         next_beat = time.monotonic() + self._heartbeat
         backlog = False
         try:

@@ -151,6 +151,7 @@ class ConnectionPool:
         self._janitor: Optional[threading.Thread] = None
         self._warming = False
         self._warm_backoff = 0.0
+        self._revive = False  # start the janitor on first use (after fork)
         self._client: Optional[LeaseClient] = None
         self._stats: Dict[str, float] = dict.fromkeys(_STAT_COUNTERS, 0)
 
@@ -209,6 +210,9 @@ class ConnectionPool:
         with self._lock:
             self._check_open()
             self._stats["requests_num"] += 1
+            if self._revive:
+                self._revive = False
+                self._start_janitor_locked()
             if self._idle:
                 c = self._idle.pop()  # LIFO: the spare ones at the left age out
                 c.in_use = True
@@ -741,8 +745,9 @@ class ConnectionPool:
         self._init_state()
         self._closed = closed
         track_pool(self, not closed)
-        if not closed and self.min_size:
-            self._start_janitor_locked()
+        # No thread here: this hook also runs in the child of subprocess's
+        # preexec_fn, just before exec. The janitor restarts on first use.
+        self._revive = not closed and self.min_size > 0
 
 
 # Connections inherited by a forked child: kept referenced so that nothing

@@ -363,8 +363,8 @@ class Ledger:
     def _recall_targets(self, pool: Pool) -> Dict[ClientId, int]:
         """How many leases to ask back from each client so the queue can move.
 
-        First idle connections of clients that are not waiting themselves (cheap:
-        closing an idle connection costs nobody anything). Then, if some waiter's
+        First idle connections (cheap: closing an idle connection costs nobody
+        anything). Then, if some waiter's
         client is below its fair share, the surplus of clients above their share:
         they return a lease when a connection comes back instead of reusing it.
         A pool over its max (the budget shrank) recalls the excess the same way.
@@ -377,10 +377,12 @@ class Ledger:
         need = len(pool.queue) + max(0, excess)
         targets: Dict[ClientId, int] = {}
 
-        # 1. idle connections of holders that are not waiting in this pool
+        # 1. idle connections, wherever they are. A client that waits and yet
+        # reports idle connections has several local pools on this budget: one
+        # waits while another keeps connections warm, and only a recall moves them.
         idle_holders = sorted(
             ((cid, min(held, self.clients[cid].idle.get(pool.name, 0)))
-             for cid, (held, waiting) in active.items() if held and not waiting),
+             for cid, (held, waiting) in active.items() if held),
             key=lambda item: -item[1])
         for cid, idle in idle_holders:
             take = min(idle, need)

@@ -35,3 +35,10 @@ def test_multiprocessing_fork_children_share_the_budget(pg, broker_factory, endi
     within = 1.0 if ending == "close" else 5.0
     status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, within)
     assert status["pools"]["default"]["leased"] == 0
+
+
+def test_subprocess_with_preexec_fn_while_a_pool_keeps_min_size(pg, broker_factory):
+    broker = broker_factory({"default": 4})
+    result = Worker(dict(mode="preexec", dsn=pg.dsn, broker=broker.url, min_size=2,
+                         spawns=10)).result()
+    assert result["codes"] == [[0, "child ok", ""]] * 10, result["codes"]

@@ -7,6 +7,7 @@ Modes:
          stdin closes, then give them back and exit cleanly
   mp     a pool used before fork, then by multiprocessing (fork) children
   fork   os.fork() with idle and in-use connections (see fork())
+  preexec  subprocesses with preexec_fn while a min_size pool is open
 Prints ``RESULT <json>`` at the end.
 """
 
@@ -153,12 +154,31 @@ def fork(cfg, pool):
             "busy_after": busy_after, "idle_pid": idle_pid, "pids_after": sorted(pids)}
 
 
+def preexec(cfg, pool):
+    """With an open pool that keeps min_size warm, spawn subprocesses with a
+    preexec_fn: CPython runs fork hooks in that child before exec, and nothing
+    of ours may start there (a thread opening a ZeroMQ context made libzmq abort)."""
+    import os
+    import subprocess
+
+    pool.wait(10)
+    codes = []
+    for _ in range(cfg.get("spawns", 10)):
+        proc = subprocess.run([sys.executable, "-c", "print('child ok')"],
+                              preexec_fn=os.setpgrp, capture_output=True, text=True)
+        codes.append((proc.returncode, proc.stdout.strip(), proc.stderr.strip()))
+    with pool.connection() as conn:  # and the pool still works here
+        conn.cursor().execute("SELECT 1")
+    return {"codes": codes}
+
+
 def main():
     cfg = json.loads(sys.argv[1])
     pool = ConnectionPool(cfg["dsn"], broker=cfg["broker"], pool=cfg.get("pool"),
-                          max_size=cfg.get("max_size"), timeout=cfg.get("timeout", 30),
-                          name=cfg.get("name"))
-    mode = {"load": load, "hold": hold, "mp": mp, "fork": fork, "idle": idle}[cfg["mode"]]
+                          min_size=cfg.get("min_size", 0), max_size=cfg.get("max_size"),
+                          timeout=cfg.get("timeout", 30), name=cfg.get("name"))
+    mode = {"load": load, "hold": hold, "mp": mp, "fork": fork, "idle": idle,
+            "preexec": preexec}[cfg["mode"]]
     t0 = time.monotonic()
     result = mode(cfg, pool)
     result["elapsed"] = time.monotonic() - t0

@@ -120,6 +120,18 @@ def test_idle_holders_are_recalled_when_someone_waits():
     assert ops(outs, "recall") == [(A, {"pool": "default", "count": 0})]
 
 
+def test_idle_connections_of_a_waiting_client_are_recalled_too():
+    # one process, two local pools on the same budget: one keeps an idle
+    # connection warm while the other waits; only a recall moves it
+    ledger = make({"default": 1})
+    lease = grant(ledger, A, 1)
+    assert grant(ledger, A, 2) is None
+    outs = ledger.heartbeat(A, idle={"default": 1}, leases=[lease], now=1.0)
+    assert ops(outs, "recall") == [(A, {"pool": "default", "count": 1})]
+    outs = ledger.release(A, lease=lease, now=1.1)
+    assert [f["rid"] for _, f in ops(outs, "grant")] == [2]
+
+
 def test_fair_share_busy_holder_above_share_gives_back_to_a_starving_client():
     # A holds all 4 and keeps wanting more; B wants 1. Pure FIFO would feed A forever.
     ledger = make({"default": 4})

@@ -82,6 +82,12 @@ def bench_hot(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
         ppool.close()
     except ImportError:
         print("psycopg_pool not installed: its anchor is skipped", file=sys.stderr)
+    from poolbroker_client.compat import psycopg2 as compat
+
+    dropin = compat.ThreadedConnectionPool(1, 1, dsn, broker=url)
+    out["poolbroker compat Threaded get+put"] = per_op(
+        lambda: dropin.putconn(dropin.getconn()), n, rounds)
+    dropin.closeall()
     pool = ConnectionPool(dsn, broker=url, max_size=1)
     pool.putconn(pool.getconn())  # warm: one idle leased connection
     out["poolbroker getconn+putconn"] = per_op(lambda: pool.putconn(pool.getconn()), n, rounds)
@@ -193,6 +199,8 @@ def main() -> int:
     base = hot["psycopg2.pool Threaded get+put"]
     for name, sec in hot.items():
         print(f"  {name:<40} {sec * 1e6:8.2f} us   {sec / base:5.2f}x psycopg2.pool Threaded")
+    ratio = hot["poolbroker compat Threaded get+put"] / base
+    print(f"  compat ThreadedConnectionPool / psycopg2.pool ThreadedConnectionPool = {ratio:.2f}x")
     if "psycopg_pool connection()" in hot:
         ratio = hot["poolbroker connection()"] / hot["psycopg_pool connection()"]
         print(f"  poolbroker connection() / psycopg_pool connection() = {ratio:.2f}x")

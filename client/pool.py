@@ -244,11 +244,17 @@ class ConnectionPool:
         if discard:  # asked for explicitly: closed before we return, like psycopg2's pools
             self._discard(c, discard, now=True)
             return
-        reason = self._check_returned(c)
-        if reason:
-            self._discard(c, reason)
-        else:
-            self._give_back(c)
+        client = self._client
+        if (client is None or conn.closed or self._reset is not None
+                or conn.get_transaction_status() != _STATUS_OK
+                or c.lease in client._lost or client._debt.get(self._broker_pool)
+                or time.monotonic() >= c.expires):
+            # anything but the common case: the complete check
+            reason = self._check_returned(c)
+            if reason:
+                self._discard(c, reason)
+                return
+        self._give_back(c)
 
     @contextmanager
     def connection(self, timeout: Optional[float] = None) -> Iterator[Any]:
@@ -715,6 +721,16 @@ class ConnectionPool:
         if idle:
             self._close_and_release(idle)
         return len(idle)
+
+    def _take_idle(self) -> Any:
+        """An idle connection, marked in use, or None (no waiting, no broker)."""
+        with self._lock:
+            if self._idle and not self._closed:
+                c = self._idle.pop()
+                c.in_use = True
+                self._stats["requests_num"] += 1
+                return c.conn
+        return None
 
     def _idle_connections(self) -> List[Any]:
         with self._lock:

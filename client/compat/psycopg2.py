@@ -70,8 +70,8 @@ class AbstractConnectionPool:
         dsn, connect_kwargs, options = split_connect_args(args, kwargs)
         self._args = args
         self._kwargs = {k: v for k, v in kwargs.items() if k not in POOL_KEYWORDS}
-        self._lock = threading.RLock()
-        self._filled = threading.Condition(self._lock)
+        self._lock = threading.Lock()
+        self._filled = threading.Condition(self._lock)  # a key being fetched is filled
         self._used: Dict[Hashable, Any] = {}
         self._rused: Dict[int, Hashable] = {}
         self._keys = 0
@@ -123,6 +123,11 @@ class AbstractConnectionPool:
                 return self._used[key]
             if len(self._used) >= self.maxconn:
                 raise PoolError("connection pool exhausted")
+            conn = self._leased._take_idle()  # the hot path: no waiting, no broker
+            if conn is not None:
+                self._used[key] = conn
+                self._rused[id(conn)] = key
+                return conn
             self._used[key] = _PENDING  # holds the slot while we wait for the budget
         try:
             conn = self._leased.getconn()

@@ -15,9 +15,10 @@ What differs, on purpose:
 * idle connections beyond ``minconn`` are kept while the budget allows (psycopg2
   closes them on every return, psycopg2 issue #563), and given back when the broker
   recalls them or after ``max_idle`` (600 s);
-* ``minconn`` connections are opened at construction if the budget has room;
-  when it is momentarily full they are opened in the background instead of
-  failing the constructor (a bad DSN still raises at once, as before);
+* ``minconn`` connections are opened at construction as far as the budget has
+  room; when it is momentarily full the rest are opened on demand instead of
+  failing the constructor (a bad DSN still raises at once, as before). Like
+  psycopg2.pool, nothing reopens connections to keep ``minconn`` afterwards;
 * both pools are thread-safe (psycopg2's ``SimpleConnectionPool`` is not).
 
 Extra keyword arguments ``broker=``, ``pool=``, ``timeout=`` are taken by the pool
@@ -76,22 +77,24 @@ class AbstractConnectionPool:
         self._rused: Dict[int, Hashable] = {}
         self._keys = 0
         self._leased = ConnectionPool(
-            dsn, kwargs=connect_kwargs, min_size=min(self.minconn, self.maxconn),
-            max_size=max(1, self.maxconn), timeout=float(options.get("timeout", 30.0)),
+            # min_size 0: psycopg2.pool opens minconn at construction only; keeping
+            # them warm forever would hold leases a busier process could use
+            dsn, kwargs=connect_kwargs, min_size=0, max_size=max(1, self.maxconn),
+            timeout=float(options.get("timeout", 30.0)),
             broker=options.get("broker"), pool=options.get("pool"),
             name=f"{type(self).__name__}-{id(self):x}")
         self._prefill()
 
     def _prefill(self) -> None:
         # Like psycopg2.pool, open minconn connections now, so that a bad DSN fails
-        # the constructor. If the budget is full, leave them to the background.
+        # the constructor. If the budget is full, the rest are opened on demand.
         conns: List[Any] = []
         try:
             for _ in range(self.minconn):
                 conns.append(self._leased.getconn(timeout=min(1.0, self._leased.timeout)))
         except PoolTimeout:
-            log.info("%s: budget full at start; the remaining minconn connections will be "
-                     "opened in the background", self._leased.name)
+            log.info("%s: budget full at start: %d of minconn %d connections opened, the "
+                     "rest will be opened on demand", self._leased.name, len(conns), self.minconn)
         except BaseException:
             for conn in conns:
                 self._leased.putconn(conn)

@@ -261,3 +261,17 @@ def test_psycopg_pool_differential(pg, broker):
     original = psycopg_pool_scenario(psycopg_pool.ConnectionPool, pg)
     ours = psycopg_pool_scenario(poolbroker_client.ConnectionPool, pg, broker=broker.url)
     assert ours == original
+
+
+def test_pool_keywords_route_to_the_named_budget(pg, broker_factory):
+    """broker=, pool=, timeout= are the pool's: psycopg2.connect would reject them."""
+    broker = broker_factory({"default": 1, "reports": 3})
+    p2 = compat_p2.ThreadedConnectionPool(2, 4, pg.dsn, broker=broker.url, pool="reports",
+                                          timeout=5)
+    p2pool = compat_p2pool.ConnectionPool(minconn=1, dsn=pg.dsn, broker=broker.url,
+                                          pool="reports", timeout=5)
+    status = broker.wait_for(lambda s: s["pools"]["reports"]["leased"] == 3, 5)
+    assert status["pools"]["reports"]["leased"] == 3
+    assert status["pools"]["default"]["leased"] == 0
+    p2.closeall()
+    p2pool.close()

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                             f"(default {DEFAULT_TTL})")
     serve.add_argument("--max-waiting-per-client", type=int, default=1000,
                        help="queued lease requests one client may have (default 1000)")
+    serve.add_argument("--grace", type=float, default=None,
+                       help="seconds to grant nothing after a start that may follow a crash, "
+                            "while clients re-announce their leases (default: max(ttl, 3))")
+    serve.add_argument("--state-dir", default=None,
+                       help="where the state file lives (default: beside the ipc socket, "
+                            "else the temp directory)")
     serve.add_argument("--log-level", default=os.environ.get("POOLBROKER_LOG_LEVEL", "INFO"))
 
     status = sub.add_parser("status", help="show pools, leases and clients of a running broker")
@@ -86,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("poolbroker serve: --ttl must be more than 0.3 seconds", file=sys.stderr)
         return 2
     try:
-        Broker(args.bind, pools, ttl=args.ttl,
+        Broker(args.bind, pools, ttl=args.ttl, grace=args.grace, state_dir=args.state_dir,
                max_waiting_per_client=args.max_waiting_per_client).run()
     except AddressInUse as exc:
         log.error("%s", exc)

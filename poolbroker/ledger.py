@@ -92,6 +92,7 @@ class Ledger:
         epoch: str = "0",
         max_waiting_per_client: int = 1000,
         first_lease_id: int = 1,
+        grace_until: float = 0.0,
     ) -> None:
         if not pools:
             raise ValueError("at least one pool is needed")
@@ -104,6 +105,10 @@ class Ledger:
         self.epoch = epoch
         self.max_waiting_per_client = max_waiting_per_client
         self._next_lease = first_lease_id
+        # After a restart that may have left leases outstanding, nothing is granted
+        # until this time, so that clients can re-announce what they hold first.
+        self.grace_until = grace_until
+        self._in_grace = grace_until > 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -141,10 +146,12 @@ class Ledger:
         leases: List[Tuple[int, str]] = (),  # type: ignore[assignment]
         now: float,
     ) -> List[Out]:
-        """A client (re)introduces itself, listing the leases it holds. Leases we
-        already have for it are kept; unknown ones are taken back if the pool has
-        room (the connection is real, so counting it is the truth), otherwise
-        rejected and the client must close those connections."""
+        """A client (re)introduces itself, listing the leases it holds (after a
+        broker restart, or after it was expired while frozen). Those connections
+        are real, so counting them is the truth: unknown leases are taken back even
+        if that puts the pool over its max, and the excess is recalled (no grant
+        until the pool is below max again). Only leases of an unknown pool, or ids
+        another client holds, are rejected; the client must close those."""
         client = self.clients.get(cid)
         if client is None:
             client = Client(cid)
@@ -159,7 +166,7 @@ class Ledger:
                 continue
             pool = self.pools.get(pool_name)
             taken = any(lease_id in pl.leases for pl in self.pools.values())
-            if pool is None or taken or len(pool.leases) >= pool.max:
+            if pool is None or taken:
                 rejected.append(lease_id)
                 continue
             lease = Lease(lease_id, pool_name, cid, now)
@@ -168,8 +175,13 @@ class Ledger:
             self._next_lease = max(self._next_lease, lease_id + 1)
             touched.add(pool_name)
         if rejected:
-            log.warning("client %s re-announced %d lease(s) that do not fit; rejected",
-                        _cid(cid), len(rejected))
+            log.warning("client %s re-announced %d lease(s) of unknown pools or held by "
+                        "others; rejected", _cid(cid), len(rejected))
+        for pool_name in touched:
+            pool = self.pools[pool_name]
+            if len(pool.leases) > pool.max:
+                log.warning("pool %r: %d leases re-announced against max %d; recalling the "
+                            "excess", pool_name, len(pool.leases), pool.max)
         outs: List[Out] = [
             (cid, "welcome", {"epoch": self.epoch, "ttl": self.ttl,
                               "heartbeat": self.heartbeat_interval, "rejected": rejected})
@@ -262,9 +274,16 @@ class Ledger:
         return self._forget(client, now)
 
     def tick(self, now: float) -> List[Out]:
-        """Expire what is due: waiters past their deadline, clients past the TTL."""
+        """Expire what is due: waiters past their deadline, clients past the TTL;
+        at the end of the grace period, grant what waited."""
         outs: List[Out] = []
         touched = set()
+        if self._in_grace and now >= self.grace_until:
+            self._in_grace = False
+            leased = sum(len(pl.leases) for pl in self.pools.values())
+            log.info("grace period over: %d lease(s) re-announced by %d client(s); granting",
+                     leased, len(self.clients))
+            touched.update(self.pools)
         for pool in self.pools.values():
             for key, waiter in list(pool.queue.items()):
                 if waiter.deadline <= now:
@@ -290,6 +309,8 @@ class Ledger:
         """The earliest time at which :meth:`tick` has something to do."""
         times = [w.deadline for pool in self.pools.values() for w in pool.queue.values()]
         times += [c.last_seen + self.ttl for c in self.clients.values()]
+        if self._in_grace:
+            times.append(self.grace_until)
         return min(times) if times else None
 
     # ------------------------------------------------------------------ rules
@@ -331,7 +352,7 @@ class Ledger:
         """Grant what fits, then decide who should give leases back."""
         pool = self.pools[pool_name]
         outs: List[Out] = []
-        while pool.queue and len(pool.leases) < pool.max:
+        while pool.queue and len(pool.leases) < pool.max and not self._in_grace:
             waiter = self._pick(pool)
             del pool.queue[(waiter.client, waiter.rid)]
             client = self.clients[waiter.client]
@@ -440,12 +461,13 @@ class Ledger:
                                        if lz.backend_pid is not None),
                 "last_heartbeat_s": round(now - client.last_seen, 3),
             })
-        return {"epoch": self.epoch, "ttl": self.ttl, "pools": pools, "clients": clients}
+        grace = max(0.0, self.grace_until - now) if self._in_grace else 0.0
+        return {"epoch": self.epoch, "ttl": self.ttl, "grace_s": round(grace, 3),
+                "pools": pools, "clients": clients}
 
     def check(self) -> None:
         """Assert the internal invariants (used by the property tests)."""
         for pool in self.pools.values():
-            assert len(pool.leases) <= pool.max, (pool.name, len(pool.leases), pool.max)
             for lease in pool.leases.values():
                 assert self.clients[lease.client].leases[lease.id] is lease
             for (cid, rid), waiter in pool.queue.items():

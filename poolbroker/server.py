@@ -22,6 +22,7 @@ import zmq
 
 from . import protocol as p
 from .ledger import Ledger, Out
+from .state import StateFile, default_path
 
 log = logging.getLogger("poolbroker")
 
@@ -109,8 +110,13 @@ class Broker:
         *,
         ttl: float = 4.0,
         max_waiting_per_client: int = 1000,
+        grace: Optional[float] = None,
+        state_dir: Optional[str] = None,
     ) -> None:
         self.bind = bind
+        # at least one TTL (every live client heartbeats within it), and 3 s
+        self.grace = max(ttl, 3.0) if grace is None else grace
+        self.state = StateFile(default_path(bind, state_dir))
         self.epoch = uuid.uuid4().hex[:12]
         # Lease ids start at a per-run random offset so that ids from a previous
         # run that clients re-announce never collide with fresh ones.
@@ -141,6 +147,24 @@ class Broker:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    def _start_grace(self) -> None:
+        previous = self.state.read()
+        if self.state.needs_grace(previous):
+            self.ledger.grace_until = time.monotonic() + self.grace
+            self.ledger._in_grace = True
+            why = ("the state file is unreadable" if not previous else
+                   "the last run did not exit cleanly" if not previous.get("clean_exit") else
+                   "the last run exited with leases outstanding")
+            log.warning("leases may be outstanding (%s): granting nothing for %.1fs while "
+                        "clients re-announce what they hold", why, self.grace)
+        # from now until a clean exit, a crash must be assumed to leave leases behind
+        self.state.write(outstanding=self.ledger._in_grace, clean_exit=False, epoch=self.epoch)
+
+    def _record_state(self) -> None:
+        outstanding = self.ledger._in_grace or any(pl.leases for pl in self.ledger.pools.values())
+        if outstanding != self.state.outstanding:
+            self.state.write(outstanding=outstanding, clean_exit=False, epoch=self.epoch)
+
     def run(self, on_ready: Optional[Callable[[], None]] = None, *, signals: bool = True) -> None:
         guard = AddressGuard(self.bind)
         guard.acquire()
@@ -158,6 +182,7 @@ class Broker:
                     raise AddressInUse(
                         f"{self.bind} is already in use (another broker?): {exc}") from None
                 raise
+            self._start_grace()
             if signals:
                 self._install_signals()
             poller = zmq.Poller()
@@ -171,6 +196,11 @@ class Broker:
             self._loop(sock, poller)
         finally:
             leased = sum(len(pl.leases) for pl in self.ledger.pools.values())
+            try:
+                self.state.write(outstanding=leased > 0 or self.ledger._in_grace,
+                                 clean_exit=True, epoch=self.epoch)
+            except OSError as exc:
+                log.error("could not record the state file %s: %s", self.state.path, exc)
             log.info("poolbroker stopped (%d lease(s) outstanding, %d frames, %d bad)",
                      leased, self.frames_in, self.bad_frames)
             sock.close(0)
@@ -197,6 +227,7 @@ class Broker:
                         break
                     self._send(sock, self._handle(frames, time.monotonic()))
             self._send(sock, self.ledger.tick(time.monotonic()))
+            self._record_state()
 
     def _send(self, sock: zmq.Socket, outs: List[Out]) -> None:
         for cid, op, fields in outs:

@@ -65,6 +65,21 @@ class BrokerHandle:
     def stop(self) -> None:
         self._xprocess.getinfo(self.name).terminate()
 
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Signal the broker and wait until it is gone (a crash, with SIGKILL)."""
+        import psutil
+
+        os.kill(self.pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"broker {self.pid} did not die")
+
 
 @pytest.fixture
 def broker_factory(xprocess):
@@ -95,6 +110,12 @@ def broker_factory(xprocess):
     yield start
     for handle in started:
         handle.stop()
+    for path in {h.url[len("ipc://"):] for h in started if h.url.startswith("ipc://")}:
+        for leftover in (path, path + ".lock", path + ".state"):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
 
 
 @pytest.fixture

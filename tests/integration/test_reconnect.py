@@ -1,5 +1,6 @@
 """The broker goes away and comes back: clients reconnect and re-announce."""
 
+import signal
 import threading
 import time
 
@@ -7,7 +8,7 @@ import pytest
 
 from poolbroker_client import ConnectionPool
 
-from conftest import count_backends, new_tag, short_ipc, tagged
+from conftest import Sampler, Worker, count_backends, new_tag, short_ipc, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -49,3 +50,52 @@ def test_broker_restart_held_connections_keep_working_and_are_reannounced(pg, br
             pool.putconn(conn)
     status = second.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
     assert status["pools"]["default"]["leased"] == 0
+
+
+def test_crash_restart_with_a_frozen_holder_never_over_grants(pg, broker_factory):
+    """The broker crashes while a holder has the whole budget; the holder is frozen
+    (SIGSTOP) across the restart. The new broker grants nothing during its grace
+    period, the holder re-announces when it wakes, and the waiting requester gets a
+    lease only when the holder gives one back. pg_stat_activity never exceeds 2."""
+    url = short_ipc()
+    first = broker_factory({"default": 2}, url=url)
+    tag = new_tag()
+    holder = Worker(dict(mode="hold", n=2, dsn=tagged(pg.dsn, tag), broker=url))
+    holder.wait_line("HOLDING")
+    got = []
+    with Sampler(pg.dsn, [tag]) as sampler:
+        first.kill(signal.SIGKILL)  # a crash: the state file says leases are out
+        holder.proc.send_signal(signal.SIGSTOP)
+        second = broker_factory({"default": 2}, url=url)
+        assert second.status()["grace_s"] > 0
+        with ConnectionPool(tagged(pg.dsn, tag), broker=url, timeout=20) as pool:
+            waiter = threading.Thread(target=lambda: got.append(pool.getconn()))
+            waiter.start()
+            time.sleep(1.5)  # the holder stays frozen for part of the grace period
+            holder.proc.send_signal(signal.SIGCONT)
+            status = second.wait_for(lambda s: s["pools"]["default"]["leased"] == 2, 10)
+            assert status["pools"]["default"]["leased"] == 2, "the holder did not re-announce"
+            # the grace period ends; the budget is still the holder's
+            second.wait_for(lambda s: s["grace_s"] == 0, 10)
+            waiter.join(1.0)
+            assert not got, "granted a slot that a live connection still uses"
+            holder.finish()
+            holder.result()
+            waiter.join(15)
+            assert got, "the requester was not served once the holder let go"
+            pool.putconn(got[0])
+    assert sampler.max[tag] <= 2, f"server saw {sampler.max[tag]} connections, budget 2"
+    assert "granting nothing" in second.log_text()
+
+
+def test_clean_restart_with_nothing_leased_grants_at_once(pg, broker_factory):
+    url = short_ipc()
+    first = broker_factory({"default": 2}, url=url)
+    with ConnectionPool(pg.dsn, broker=url, timeout=5) as pool:
+        with pool.connection():
+            pass
+    first.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
+    first.stop()  # SIGTERM: a clean exit with nothing leased
+    second = broker_factory({"default": 2}, url=url)
+    assert second.status()["grace_s"] == 0
+    assert "granting nothing" not in second.log_text()

@@ -154,16 +154,36 @@ def test_no_recall_churn_when_all_waiters_are_at_or_above_share():
     assert ops(outs, "recall") == []
 
 
-def test_reannounced_leases_are_taken_back_if_they_fit_else_rejected():
+def test_reannounced_leases_are_counted_even_over_max_and_the_excess_recalled():
     ledger = Ledger({"default": 1}, ttl=4.0)
-    outs = ledger.hello(A, pid=1, host="h", leases=[(100, "default"), (101, "default")], now=0)
-    [(cid, welcome)] = ops(outs, "welcome")
-    assert welcome["rejected"] == [101]
-    assert list(ledger.clients[A].leases) == [100]
-    # new lease ids never collide with re-announced ones
+    outs = ledger.hello(A, pid=1, host="h", leases=[(100, "default"), (101, "default"),
+                                                   (102, "nope")], now=0)
+    welcome = ops(outs, "welcome")[0][1]
+    assert welcome["rejected"] == [102]  # only the unknown pool's
+    assert sorted(ledger.clients[A].leases) == [100, 101]
+    assert ops(outs, "recall") == [(A, {"pool": "default", "count": 1})]
     ledger.hello(B, pid=2, host="h", now=0)
+    assert grant(ledger, B, 1, now=0) is None  # over max: nothing is granted
     ledger.release(A, lease=100, now=1)
-    assert grant(ledger, B, 1, now=1) > 100
+    assert ledger.clients[B].held("default") == 0  # 1 of max 1 still leased
+    outs = ledger.release(A, lease=101, now=1)
+    [(cid, g)] = ops(outs, "grant")
+    assert cid == B and g["lease"] > 101  # new ids never collide with re-announced ones
+
+
+def test_grace_period_grants_nothing_until_it_ends():
+    ledger = Ledger({"default": 2}, ttl=4.0, grace_until=4.0)
+    ledger.hello(A, pid=1, host="h", now=0)
+    assert grant(ledger, A, 1, now=0.5) is None
+    assert ledger.snapshot(0.5)["grace_s"] == 3.5
+    # a holder from before the restart re-announces during the grace period
+    ledger.hello(B, pid=2, host="h", leases=[(7, "default"), (8, "default")], now=1.0)
+    assert ledger.next_deadline() == 4.0
+    ledger.heartbeat(A, idle={}, leases=[], now=3.9)
+    ledger.heartbeat(B, idle={}, leases=[7, 8], now=3.9)
+    assert ops(ledger.tick(4.0), "grant") == []  # the budget is full: still waiting
+    outs = ledger.release(B, lease=7, now=4.1)
+    assert [cid for cid, _ in ops(outs, "grant")] == [A]
 
 
 def test_too_many_queued_requests_from_one_client_are_refused():

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 import zmq
 
 from . import protocol as p
+from .config import ConfigError
+from .config import load as load_config
 from .server import AddressInUse, Broker
 
 log = logging.getLogger("poolbroker")
@@ -41,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="ZeroMQ endpoint, ipc://PATH or tcp://HOST:PORT "
                             "(default: $POOLBROKER_URL)")
     serve.add_argument("--pool", action="append", type=_parse_pool, default=[],
-                       metavar="NAME=MAX", help="a pool and its budget; repeat for more pools")
-    serve.add_argument("--ttl", type=float, default=DEFAULT_TTL,
+                       metavar="NAME=MAX", help="a pool and its budget; repeat for more pools "
+                       "(wins over the config file)")
+    serve.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML file with [pools] (and optionally bind, ttl); "
+                            "re-read on SIGHUP")
+    serve.add_argument("--ttl", type=float, default=None,
                        help="seconds without a heartbeat after which a client's leases expire "
                             f"(default {DEFAULT_TTL})")
     serve.add_argument("--max-waiting-per-client", type=int, default=1000,
@@ -61,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--timeout", type=float, default=3.0,
                         help="seconds to wait for the broker's answer (default 3)")
+    for name, helptext in (("resize", "change a pool's max at run time"),
+                           ("drain", "refuse new leases and ask every lease back"),
+                           ("pause", "grant nothing new; requests wait"),
+                           ("resume", "undo pause or drain")):
+        admin = sub.add_parser(name, help=helptext)
+        admin.add_argument("--broker", default=os.environ.get("POOLBROKER_URL"),
+                           help="broker endpoint (default: $POOLBROKER_URL)")
+        if name == "resize":
+            admin.add_argument("--pool", required=True, type=_parse_pool, metavar="NAME=MAX")
+        else:
+            admin.add_argument("--pool", required=True, metavar="NAME")
+        admin.add_argument("--timeout", type=float, default=3.0)
     return parser
 
 
@@ -68,32 +86,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    return _status(args)
+    if args.command == "status":
+        return _status(args)
+    return _admin(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    file_config: dict = {"pools": {}, "ttl": None, "bind": None}
+    if args.config:
+        try:
+            file_config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"poolbroker serve: {exc}", file=sys.stderr)
+            return 2
+    args.bind = args.bind or file_config["bind"]
     if not args.bind:
-        print("poolbroker serve: no address: pass --bind URL or set POOLBROKER_URL",
-              file=sys.stderr)
+        print("poolbroker serve: no address: pass --bind URL, set POOLBROKER_URL, or put "
+              "bind in the config file", file=sys.stderr)
         return 2
-    if not args.pool:
-        print("poolbroker serve: no pools: pass --pool NAME=MAX at least once", file=sys.stderr)
-        return 2
-    pools: Dict[str, int] = {}
+    overrides: Dict[str, int] = {}
     for name, size in args.pool:
-        if name in pools:
+        if name in overrides:
             print(f"poolbroker serve: pool {name!r} given twice", file=sys.stderr)
             return 2
-        pools[name] = size
+        overrides[name] = size
+    pools = {**file_config["pools"], **overrides}
+    if not pools:
+        print("poolbroker serve: no pools: pass --pool NAME=MAX or --config FILE",
+              file=sys.stderr)
+        return 2
+    if args.ttl is None:
+        args.ttl = file_config["ttl"] or DEFAULT_TTL
     if args.ttl <= 0.3:
         print("poolbroker serve: --ttl must be more than 0.3 seconds", file=sys.stderr)
         return 2
     try:
         Broker(args.bind, pools, ttl=args.ttl, grace=args.grace, state_dir=args.state_dir,
-               max_waiting_per_client=args.max_waiting_per_client).run()
+               max_waiting_per_client=args.max_waiting_per_client,
+               config_path=args.config, pool_overrides=overrides).run()
     except AddressInUse as exc:
         log.error("%s", exc)
         return 1
@@ -103,28 +136,51 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def query_status(url: str, timeout: float = 3.0) -> dict:
-    """Ask the broker at ``url`` for its status; raises TimeoutError if it does not answer."""
+def request(url: str, op: str, timeout: float = 3.0, **fields: object) -> dict:
+    """Send one request to the broker at ``url`` and return its answer. Raises
+    TimeoutError if it does not answer, RuntimeError if it refuses."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTING_ID, f"status-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode())
+    sock.setsockopt(zmq.ROUTING_ID, f"{op}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode())
     try:
         sock.connect(url)
         rid = 1
-        sock.send(p.encode("status", rid=rid))
+        sock.send(p.encode(op, rid=rid, **fields))
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000) + 1):
                 raise TimeoutError(f"broker at {url} did not answer within {timeout:g}s")
             msg = p.decode(sock.recv(), p.BROKER_OPS)
-            if msg["op"] == "status" and msg["rid"] == rid:
-                return msg["data"]
             if msg["op"] == "error":
                 raise RuntimeError(f"broker at {url} answered: {msg['message']}")
+            if msg.get("rid") == rid:
+                return msg
     finally:
         sock.close(0)
+
+
+def query_status(url: str, timeout: float = 3.0) -> dict:
+    """The broker's status (see ``poolbroker status --json``)."""
+    return request(url, "status", timeout)["data"]
+
+
+def _admin(args: argparse.Namespace) -> int:
+    if not args.broker:
+        print(f"poolbroker {args.command}: no address: pass --broker URL or set "
+              "POOLBROKER_URL", file=sys.stderr)
+        return 2
+    fields: Dict[str, object] = {"pool": args.pool}
+    if args.command == "resize":
+        fields = {"pool": args.pool[0], "max": args.pool[1]}
+    try:
+        answer = request(args.broker, args.command, args.timeout, **fields)
+    except (TimeoutError, RuntimeError, zmq.ZMQError) as exc:
+        print(f"poolbroker {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(answer["message"])
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -140,11 +196,13 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, sort_keys=True))
         return 0
-    print(f"broker {args.broker}  epoch {data['epoch']}  lease ttl {data['ttl']}s")
+    grace = f"  granting nothing for {data['grace_s']:.1f}s more" if data.get("grace_s") else ""
+    print(f"broker {args.broker}  epoch {data['epoch']}  lease ttl {data['ttl']}s{grace}")
     print(f"{'pool':<20} {'max':>5} {'leased':>7} {'busy':>5} {'idle':>5} {'waiting':>8}")
     for name, pool in sorted(data["pools"].items()):
+        state = "draining" if pool.get("draining") else "paused" if pool.get("paused") else ""
         print(f"{name:<20} {pool['max']:>5} {pool['leased']:>7} {pool['busy']:>5} "
-              f"{pool['idle']:>5} {pool['waiting']:>8}")
+              f"{pool['idle']:>5} {pool['waiting']:>8}  {state}")
     print(f"\n{len(data['clients'])} client(s)")
     for c in data["clients"]:
         leases = ", ".join(f"{k}={v}" for k, v in sorted(c["leases"].items())) or "-"

@@ -76,6 +76,8 @@ class Client:
 class Pool:
     name: str
     max: int
+    paused: bool = False  # grant nothing; requests wait (PgBouncer's PAUSE)
+    draining: bool = False  # refuse new requests; every lease is asked back
     leases: Dict[int, Lease] = field(default_factory=dict)
     # FIFO of waiters keyed by (client, rid); OrderedDict gives O(1) removal.
     queue: "OrderedDict[Tuple[ClientId, int], Waiter]" = field(default_factory=OrderedDict)
@@ -202,6 +204,10 @@ class Ledger:
             known = ", ".join(sorted(self.pools))
             return [self._error(cid, rid, p.E_UNKNOWN_POOL,
                                 f"unknown pool {pool!r} (this broker has: {known})")]
+        if self.pools[pool].draining and rid not in client.granted:
+            return [self._error(cid, rid, p.E_DRAINING,
+                                f"pool {pool!r} is draining for maintenance: no new leases "
+                                "until it is resumed")]
         if rid in client.granted:  # a retry of a request we already granted
             return [(cid, "grant", {"rid": rid, "pool": pool, "lease": client.granted[rid]})]
         if rid in client.waiting:  # a retry of a request still queued: new deadline
@@ -313,6 +319,53 @@ class Ledger:
             times.append(self.grace_until)
         return min(times) if times else None
 
+    # ------------------------------------------------------------------ admin
+
+    def resize(self, pool_name: str, size: int, now: float) -> List[Out]:
+        """Change a pool's max at run time (adding the pool if it is new). Growing
+        grants to waiters at once; shrinking recalls idle leases first, and busy
+        ones are given back when their connection returns, not reused."""
+        if size < 0:
+            raise ValueError("max must be >= 0")
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            pool = self.pools[pool_name] = Pool(pool_name, size)
+            log.info("pool %r added with max %d", pool_name, size)
+        else:
+            log.info("pool %r resized: max %d -> %d (%d leased, %d waiting)", pool_name,
+                     pool.max, size, len(pool.leases), len(pool.queue))
+            pool.max = size
+        return self._rebalance(pool_name, now)
+
+    def drain(self, pool_name: str, now: float) -> List[Out]:
+        """For maintenance: refuse new requests (waiters get an error) and ask every
+        lease back (idle connections close at once, busy ones when returned)."""
+        pool = self.pools[pool_name]
+        pool.draining = True
+        outs: List[Out] = []
+        for key, waiter in list(pool.queue.items()):
+            del pool.queue[key]
+            self.clients[waiter.client].waiting.pop(waiter.rid, None)
+            outs.append(self._error(waiter.client, waiter.rid, p.E_DRAINING,
+                                    f"pool {pool_name!r} is draining for maintenance"))
+        log.warning("pool %r draining: %d lease(s) asked back, %d waiter(s) refused",
+                    pool_name, len(pool.leases), len(outs))
+        return outs + self._rebalance(pool_name, now)
+
+    def pause(self, pool_name: str, now: float) -> List[Out]:
+        """Grant nothing new; requests wait (within their timeout); leases held
+        stay valid."""
+        self.pools[pool_name].paused = True
+        log.warning("pool %r paused", pool_name)
+        return []
+
+    def resume(self, pool_name: str, now: float) -> List[Out]:
+        """Undo pause and drain."""
+        pool = self.pools[pool_name]
+        pool.paused = pool.draining = False
+        log.info("pool %r resumed", pool_name)
+        return self._rebalance(pool_name, now)
+
     # ------------------------------------------------------------------ rules
 
     def _drop_lease(self, client: Client, lease: Lease) -> None:
@@ -352,7 +405,8 @@ class Ledger:
         """Grant what fits, then decide who should give leases back."""
         pool = self.pools[pool_name]
         outs: List[Out] = []
-        while pool.queue and len(pool.leases) < pool.max and not self._in_grace:
+        while (pool.queue and len(pool.leases) < pool.max and not self._in_grace
+               and not pool.paused and not pool.draining):
             waiter = self._pick(pool)
             del pool.queue[(waiter.client, waiter.rid)]
             client = self.clients[waiter.client]
@@ -390,6 +444,9 @@ class Ledger:
         they return a lease when a connection comes back instead of reusing it.
         A pool over its max (the budget shrank) recalls the excess the same way.
         """
+        if pool.draining:  # everything back: idle at once, busy ones when returned
+            return {lease.client: self.clients[lease.client].held(pool.name)
+                    for lease in pool.leases.values()}
         excess = len(pool.leases) - pool.max
         if not pool.queue and excess <= 0:
             return {}
@@ -439,6 +496,8 @@ class Ledger:
                        for c in self.clients.values())
             pools[pool.name] = {
                 "max": pool.max,
+                "paused": pool.paused,
+                "draining": pool.draining,
                 "leased": len(pool.leases),
                 "idle": idle,
                 "busy": len(pool.leases) - idle,

@@ -17,6 +17,8 @@ connected   ``lease`` int, ``backend_pid`` int: for audit and fencing
 heartbeat   ``idle`` map pool -> int, ``leases`` list of int
 bye         (nothing): the process is leaving, release everything it holds
 status      ``rid`` int
+resize      ``rid`` int, ``pool`` str, ``max`` int (administration)
+drain       ``rid`` int, ``pool`` str (administration; also pause, resume)
 ==========  ==================================================================
 
 Broker -> client ops:
@@ -31,6 +33,7 @@ recall      ``pool`` str, ``count`` int: how many leases the broker wants back
 hb          ``epoch`` str, ``unknown`` list of lease ids the broker does not
             know (expired or lost): the client must stop using them
 status      ``rid`` int, ``data`` map (see :mod:`poolbroker.ledger` snapshot)
+done        ``rid`` int, ``message`` str: an administration request took effect
 ==========  ==================================================================
 
 :func:`decode` validates everything it returns; whatever is malformed raises
@@ -61,6 +64,7 @@ E_UNKNOWN_POOL = "unknown_pool"
 E_UNKNOWN_CLIENT = "unknown_client"
 E_TIMEOUT = "timeout"
 E_TOO_MANY_REQUESTS = "too_many_requests"
+E_DRAINING = "draining"
 
 
 class ProtocolError(ValueError):
@@ -140,6 +144,11 @@ CLIENT_OPS: dict[str, dict[str, Any]] = {
     "heartbeat": {"idle": _idle_map, "leases": _uint_list},
     "bye": {},
     "status": {"rid": _uint},
+    # administration (poolbroker resize / drain / pause / resume)
+    "resize": {"rid": _uint, "pool": _name, "max": _uint},
+    "drain": {"rid": _uint, "pool": _name},
+    "pause": {"rid": _uint, "pool": _name},
+    "resume": {"rid": _uint, "pool": _name},
 }
 
 BROKER_OPS: dict[str, dict[str, Any]] = {
@@ -149,6 +158,7 @@ BROKER_OPS: dict[str, dict[str, Any]] = {
     "recall": {"pool": _name, "count": _uint},
     "hb": {"epoch": _text, "unknown": _uint_list},
     "status": {"rid": _uint, "data": _any_map},
+    "done": {"rid": _uint, "message": _text},
 }
 
 

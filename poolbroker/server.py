@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Optional
 import zmq
 
 from . import protocol as p
+from .config import ConfigError
+from .config import load as load_config
 from .ledger import Ledger, Out
 from .state import StateFile, default_path
 
@@ -112,6 +114,8 @@ class Broker:
         max_waiting_per_client: int = 1000,
         grace: Optional[float] = None,
         state_dir: Optional[str] = None,
+        config_path: Optional[str] = None,
+        pool_overrides: Optional[Dict[str, int]] = None,
     ) -> None:
         self.bind = bind
         # at least one TTL (every live client heartbeats within it), and 3 s
@@ -124,6 +128,9 @@ class Broker:
         self.ledger = Ledger(pools, ttl=ttl, epoch=self.epoch,
                              max_waiting_per_client=max_waiting_per_client, first_lease_id=first)
         self._stop = False
+        self._reload = False
+        self.config_path = config_path
+        self.pool_overrides = dict(pool_overrides or {})  # --pool wins over the file
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -134,18 +141,50 @@ class Broker:
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
         self._stop = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._poke()
 
     def _install_signals(self) -> None:
         def handler(signum: int, frame: Any) -> None:
             log.info("received %s, shutting down", signal.Signals(signum).name)
             self.stop()
 
+        def reload(signum: int, frame: Any) -> None:
+            self._reload = True
+            self._poke()
+
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _poke(self) -> None:
+        """Wake the loop (safe from a signal handler or another thread)."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def reload_config(self, now: float) -> List[Out]:
+        """Re-read the config file and apply its pools (see poolbroker.config)."""
+        if not self.config_path:
+            log.warning("SIGHUP: no --config file to reload")
+            return []
+        try:
+            pools = load_config(self.config_path)["pools"]
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; keeping the current configuration", exc)
+            return []
+        pools.update(self.pool_overrides)
+        log.info("SIGHUP: reloading %s", self.config_path)
+        outs: List[Out] = []
+        for name, size in pools.items():
+            pool = self.ledger.pools.get(name)
+            if pool is None or pool.max != size:
+                outs += self.ledger.resize(name, size, now)  # drain/pause stay until resume
+        for name, pool in self.ledger.pools.items():
+            if name not in pools and not pool.draining:
+                log.warning("SIGHUP: pool %r is no longer configured: draining it", name)
+                outs += self.ledger.drain(name, now)
+        return outs
 
     def _start_grace(self) -> None:
         previous = self.state.read()
@@ -219,6 +258,9 @@ class Broker:
                     self._wake_r.recv(4096)
                 except OSError:
                     pass
+            if self._reload:
+                self._reload = False
+                self._send(sock, self.reload_config(time.monotonic()))
             if sock in events:
                 for _ in range(_BATCH):
                     try:
@@ -282,8 +324,26 @@ class Broker:
                                 leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)
         if op == "bye":
             return ledger.bye(cid, now=now)
+        if op in ("resize", "drain", "pause", "resume"):
+            return self._admin(cid, msg, now)
         if op == "status":
             data = ledger.snapshot(now)
             data["bad_frames"] = self.bad_frames
             return [(cid, "status", {"rid": msg["rid"], "data": data})]
         raise AssertionError(f"op {op!r} validated but not dispatched")
+
+    def _admin(self, cid: bytes, msg: Dict[str, Any], now: float) -> List[Out]:
+        op, name, rid = msg["op"], msg["pool"], msg["rid"]
+        if name not in self.ledger.pools:
+            known = ", ".join(sorted(self.ledger.pools))
+            message = f"unknown pool {name!r} (this broker has: {known})"
+            return [(cid, "error", {"rid": rid, "code": p.E_UNKNOWN_POOL, "message": message})]
+        pool = self.ledger.pools[name]
+        if op == "resize":
+            before = pool.max
+            outs = self.ledger.resize(name, msg["max"], now)  # until the next SIGHUP reload
+            text = f"pool {name!r}: max {before} -> {pool.max} ({len(pool.leases)} leased)"
+        else:
+            outs = getattr(self.ledger, op)(name, now)
+            text = f"pool {name!r}: {op} ({len(pool.leases)} leased, {len(pool.queue)} waiting)"
+        return outs + [(cid, "done", {"rid": rid, "message": text})]

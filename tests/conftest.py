@@ -86,10 +86,10 @@ def broker_factory(xprocess):
     started: List[BrokerHandle] = []
 
     def start(pools: Optional[Dict[str, int]] = None, ttl: Optional[float] = None,
-              url: Optional[str] = None) -> BrokerHandle:
+              url: Optional[str] = None, extra: tuple = ()) -> BrokerHandle:
         url = url or short_ipc()
-        argv = [sys.executable, "-m", "poolbroker", "serve", "--bind", url]
-        for name, size in (pools or {"default": 6}).items():
+        argv = [sys.executable, "-m", "poolbroker", "serve", "--bind", url, *extra]
+        for name, size in (pools if pools is not None else {"default": 6}).items():
             argv += ["--pool", f"{name}={size}"]
         if ttl is not None:
             argv += ["--ttl", str(ttl)]

@@ -31,7 +31,8 @@ def test_grants_up_to_max_then_queues():
     assert grant(ledger, B, 1) is not None
     assert grant(ledger, C, 1) is None
     assert ledger.snapshot(0)["pools"]["default"] == {
-        "max": 2, "leased": 2, "idle": 0, "busy": 2, "waiting": 1}
+        "max": 2, "leased": 2, "idle": 0, "busy": 2, "waiting": 1, "paused": False,
+        "draining": False}
 
 
 def test_release_goes_to_the_oldest_waiter():
@@ -217,3 +218,50 @@ def test_every_message_the_ledger_emits_is_valid_on_the_wire():
 def test_bad_pool_config_is_refused(bad):
     with pytest.raises(ValueError):
         Ledger(bad)
+
+
+def test_resize_growing_serves_waiters_at_once():
+    ledger = make({"default": 1})
+    grant(ledger, A, 1)
+    assert grant(ledger, B, 1) is None
+    outs = ledger.resize("default", 2, now=1)
+    assert [cid for cid, _ in ops(outs, "grant")] == [B]
+
+
+def test_resize_shrinking_recalls_idle_first_and_grants_nothing_until_below():
+    ledger = make({"default": 3})
+    leases_a = [grant(ledger, A, r) for r in (1, 2)]
+    lease_b = grant(ledger, B, 1)
+    ledger.heartbeat(A, idle={"default": 2}, leases=leases_a, now=0.1)
+    ledger.heartbeat(B, idle={"default": 0}, leases=[lease_b], now=0.1)
+    outs = ledger.resize("default", 1, now=0.2)
+    assert ops(outs, "recall") == [(A, {"pool": "default", "count": 2})]  # A's idle ones
+    assert grant(ledger, C, 1, now=0.3) is None
+    ledger.release(A, lease=leases_a[0], now=0.4)
+    outs = ledger.release(A, lease=leases_a[1], now=0.5)
+    assert ops(outs, "grant") == []  # B's busy lease fills the new max of 1
+    outs = ledger.release(B, lease=lease_b, now=0.6)
+    assert [cid for cid, _ in ops(outs, "grant")] == [C]
+
+
+def test_drain_refuses_new_requests_fails_waiters_and_asks_everything_back():
+    ledger = make({"default": 1})
+    lease = grant(ledger, A, 1)
+    grant(ledger, B, 1)
+    outs = ledger.drain("default", now=1)
+    assert [(cid, f["code"]) for cid, f in ops(outs, "error")] == [(B, p.E_DRAINING)]
+    assert ledger.clients[A].recall["default"] == 1  # everything A holds is asked back
+    [(_, err)] = ops(ledger.acquire(C, rid=1, pool="default", timeout=5, now=1), "error")
+    assert err["code"] == p.E_DRAINING and "draining" in err["message"]
+    ledger.release(A, lease=lease, now=2)
+    ledger.resume("default", now=3)
+    assert grant(ledger, C, 2, now=3) is not None
+
+
+def test_pause_holds_requests_until_resume():
+    ledger = make({"default": 2})
+    ledger.pause("default", now=0)
+    assert grant(ledger, A, 1, now=0) is None
+    assert ledger.snapshot(0)["pools"]["default"]["waiting"] == 1
+    outs = ledger.resume("default", now=1)
+    assert [cid for cid, _ in ops(outs, "grant")] == [A]

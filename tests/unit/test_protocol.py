@@ -18,6 +18,10 @@ def test_round_trip_every_client_op():
         "heartbeat": dict(idle={"default": 2}, leases=[9]),
         "bye": {},
         "status": dict(rid=3),
+        "resize": dict(rid=4, pool="default", max=3),
+        "drain": dict(rid=5, pool="default"),
+        "pause": dict(rid=6, pool="default"),
+        "resume": dict(rid=7, pool="default"),
     }
     assert set(samples) == set(p.CLIENT_OPS)
     for op, fields in samples.items():

@@ -1,0 +1,50 @@
+"""The broker's configuration file (TOML), read at start and on SIGHUP.
+
+    bind = "ipc:///run/myapp/poolbroker.sock"   # optional; --bind wins
+    ttl = 4.0                                   # optional; read at start only
+    [pools]
+    default = 20
+    reports = 4
+
+On SIGHUP the broker re-reads the file and applies the pools: a changed max takes
+effect at once (shrinking recalls idle leases first, growing serves waiters), a new
+pool appears, a pool no longer listed is drained. A file that does not parse is
+logged and ignored: the broker keeps running with what it had.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - depends on the interpreter
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load(path: str) -> Dict[str, Any]:
+    """Read and check the file; raise ConfigError naming the problem."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    pools = data.get("pools")
+    if not isinstance(pools, dict) or not pools:
+        raise ConfigError(f"{path}: a [pools] table with at least one NAME = MAX is needed")
+    for name, size in pools.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ConfigError(f"{path}: pool {name!r}: max must be an integer >= 0, "
+                              f"not {size!r}")
+    if "ttl" in data and not (isinstance(data["ttl"], (int, float)) and data["ttl"] > 0.3):
+        raise ConfigError(f"{path}: ttl must be a number of seconds above 0.3")
+    if "bind" in data and not isinstance(data["bind"], str):
+        raise ConfigError(f"{path}: bind must be a string")
+    return {"pools": dict(pools), "ttl": data.get("ttl"), "bind": data.get("bind")}

@@ -193,3 +193,33 @@ def test_cli_errors_are_clear():
     proc = subprocess.run([sys.executable, "-m", "poolbroker", "status", "--broker",
                            short_ipc(), "--timeout", "0.5"], capture_output=True, text=True)
     assert proc.returncode == 1 and "did not answer" in proc.stderr
+
+
+def test_a_flood_of_acquires_is_capped_and_others_are_still_served(pg, broker_factory):
+    broker = broker_factory({"default": 1}, extra=("--max-waiting-per-client", "50"))
+    ctx = zmq.Context.instance()
+    flood = ctx.socket(zmq.DEALER)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.setsockopt(zmq.ROUTING_ID, b"flooder")
+    flood.setsockopt(zmq.SNDHWM, 20000)
+    flood.connect(broker.url)
+    flood.send(p.encode("hello", pid=1, host="x", name="flood", leases=[]))
+    with ConnectionPool(pg.dsn, broker=broker.url, timeout=5) as pool:
+        held = pool.getconn()  # the budget is full: the flood can only queue
+        for rid in range(5000):
+            flood.send(p.encode("acquire", rid=rid, pool="default", timeout=60.0), zmq.NOBLOCK)
+        t0 = time.monotonic()
+        status = broker.status(timeout=5)  # others are answered during the flood
+        assert time.monotonic() - t0 < 5
+        refused = 0
+        deadline = time.monotonic() + 10
+        while refused < 5000 - 50 and time.monotonic() < deadline:
+            if flood.poll(200):
+                msg = p.decode(flood.recv(), p.BROKER_OPS)
+                refused += msg["op"] == "error" and msg["code"] == "too_many_requests"
+        assert refused == 5000 - 50
+        status = broker.status()
+        [flooder] = [c for c in status["clients"] if c["id"] == "flooder"]
+        assert flooder["waiting"] == 50 and status["pools"]["default"]["leased"] == 1
+        pool.putconn(held)
+    flood.close()

@@ -86,6 +86,21 @@ def close_and_wait(items: List[Tuple[Any, Optional[int]]], timeout: float = 10.0
     return len(late)
 
 
+def cut(fd: int) -> None:
+    """Shut down the connection behind ``fd`` (a duplicate of libpq's socket):
+    the server sees end-of-file and ends the session; libpq's next use fails."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def forget_in_child(conn: Any, fd: Optional[int]) -> None:
     """In a forked child: make an inherited connection harmless.
 

@@ -86,6 +86,7 @@ class LeaseClient:
         self._welcomed_gen = 0
         self._heartbeat = 1.0
         self.epoch: Optional[str] = None
+        self.fence = False  # the broker fences: tag connections with their lease
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.started: Optional[float] = None
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}".encode()
@@ -345,6 +346,7 @@ class LeaseClient:
             log.warning("broker %s restarted (epoch %s -> %s); re-announced %d lease(s)",
                         self.url, self.epoch, msg["epoch"], len(self._leases))
         self.epoch = msg["epoch"]
+        self.fence = bool(msg.get("fence"))
         self._heartbeat = max(0.05, float(msg["heartbeat"]))
         now = time.monotonic()
         with self._lock:
@@ -377,8 +379,10 @@ class LeaseClient:
                 del self._leases[lease]
                 self._lost.add(lease)
         if lost:
-            log.warning("broker %s no longer knows %d lease(s) of ours (expired?); "
-                        "their connections will be closed", self.url, len(lost))
+            log.warning("broker %s no longer knows %d lease(s) of ours: they expired (no "
+                        "heartbeat for a TTL: was this process frozen?) or the broker lost "
+                        "them; their connections are cut and will be replaced under new "
+                        "leases", self.url, len(lost))
             for owner in list(self._pools):
                 owner._on_lost(set(lost))
 

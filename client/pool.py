@@ -21,6 +21,8 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 import psycopg2
 import psycopg2.extensions as ext
 
+from poolbroker.fencing import tag_for
+
 from . import closing
 from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout
 from .leases import LeaseClient, LeaseRequest, track_pool
@@ -455,7 +457,7 @@ class ConnectionPool:
         t0 = time.monotonic()
         conn = fd = None
         try:
-            conn = psycopg2.connect(self.conninfo, **self._connect_kwargs(deadline))
+            conn = psycopg2.connect(self.conninfo, **self._connect_kwargs(deadline, lease))
             fd = closing.watch(conn)
             client.connected(lease, conn.get_backend_pid())
             if self._configure is not None:
@@ -490,12 +492,28 @@ class ConnectionPool:
             self._give_back(c)
         return conn
 
-    def _connect_kwargs(self, deadline: float) -> Dict[str, Any]:
+    def _connect_kwargs(self, deadline: float, lease: int) -> Dict[str, Any]:
         kwargs = dict(self.kwargs)
+        if self._lease_client().fence:
+            kwargs["application_name"] = self._tagged_application_name(lease)
         if "connect_timeout" not in kwargs and "connect_timeout" not in self.conninfo:
             # libpq counts whole seconds and treats 1 as 2.
             kwargs["connect_timeout"] = max(2, int(deadline - time.monotonic() + 0.999))
         return kwargs
+
+    def _tagged_application_name(self, lease: int) -> str:
+        """The application name with this lease's tag at the end, which the
+        broker's fencer looks for (PostgreSQL keeps the first 63 bytes)."""
+        name = self.kwargs.get("application_name")
+        if name is None:
+            try:
+                name = ext.parse_dsn(self.conninfo).get("application_name")
+            except psycopg2.ProgrammingError:
+                name = None
+        if name is None:
+            name = os.environ.get("PGAPPNAME", "")
+        tag = tag_for(lease)
+        return name.encode()[:63 - len(tag)].decode(errors="ignore") + tag
 
     # ----------------------------------------------------------------- returning
 
@@ -607,9 +625,17 @@ class ConnectionPool:
                 self._cond.notify_all()
 
     def _on_lost(self, leases: set) -> None:
-        """Leases the broker no longer knows: close their idle connections now;
-        connections in use are discarded when they come back (I/O thread)."""
+        """Leases the broker no longer knows (I/O thread): their slots may have gone
+        to someone else, so their connections must not go on silently. Idle ones
+        are closed now; those in use are cut (their socket shut down: the next
+        use fails, and the server ends the session at once), then discarded when
+        they come back."""
         with self._lock:
+            for c in self._all.values():
+                if c.in_use and c.lease in leases and c.fd is not None:
+                    closing.cut(c.fd)
+                    log.warning("%s: lease %d expired at the broker; its connection in use "
+                                "was cut, the next use fails", self.name, c.lease)
             for c in [c for c in self._idle if c.lease in leases]:
                 self._idle.remove(c)
                 del self._all[id(c.conn)]

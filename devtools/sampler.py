@@ -25,8 +25,10 @@ class Sampler:
         conn.autocommit = True
         cur = conn.cursor()
         while not self._stop.is_set():
-            cur.execute("SELECT application_name, count(*) FROM pg_stat_activity "
-                        "WHERE application_name = ANY(%s) GROUP BY 1", (self.tags,))
+            # the tag is what comes before a lease tag ("/pb<lease>") if any
+            cur.execute("SELECT split_part(application_name, '/pb', 1) AS tag, count(*) "
+                        "FROM pg_stat_activity WHERE split_part(application_name, '/pb', 1) "
+                        "= ANY(%s) GROUP BY 1", (self.tags,))
             counts = dict(cur.fetchall())
             for tag in self.tags:
                 self.max[tag] = max(self.max[tag], counts.get(tag, 0))

@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", default=None,
                        help="where the state file lives (default: beside the ipc socket, "
                             "else the temp directory)")
+    serve.add_argument("--fence-dsn", default=os.environ.get("POOLBROKER_FENCE_DSN"),
+                       help="admin connection (a superuser or a pg_signal_backend member) used "
+                            "to terminate the backends of expired leases before their slots "
+                            "are granted again")
     serve.add_argument("--log-level", default=os.environ.get("POOLBROKER_LOG_LEVEL", "INFO"))
 
     status = sub.add_parser("status", help="show pools, leases and clients of a running broker")
@@ -126,7 +130,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         Broker(args.bind, pools, ttl=args.ttl, grace=args.grace, state_dir=args.state_dir,
                max_waiting_per_client=args.max_waiting_per_client,
-               config_path=args.config, pool_overrides=overrides).run()
+               config_path=args.config, pool_overrides=overrides,
+               fence_dsn=args.fence_dsn).run()
     except AddressInUse as exc:
         log.error("%s", exc)
         return 1

@@ -41,6 +41,7 @@ class Lease:
     granted_at: float
     rid: Optional[int] = None
     backend_pid: Optional[int] = None
+    fencing: bool = False  # its client expired; counted until its backend is gone
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Ledger:
         max_waiting_per_client: int = 1000,
         first_lease_id: int = 1,
         grace_until: float = 0.0,
+        fence: bool = False,
     ) -> None:
         if not pools:
             raise ValueError("at least one pool is needed")
@@ -111,6 +113,14 @@ class Ledger:
         # until this time, so that clients can re-announce what they hold first.
         self.grace_until = grace_until
         self._in_grace = grace_until > 0
+        # With fencing, leases of expired clients stay counted (in pool.leases,
+        # owned by nobody) until the fencer reports their backends gone.
+        self.fence = fence
+        self.fencing: Dict[int, Lease] = {}
+        # Lease ids this broker expired: their slots went to others, so a client
+        # waking up with them is told they are lost (a restarted broker, knowing
+        # none, takes re-announced leases back instead).
+        self.expired: "OrderedDict[int, None]" = OrderedDict()
 
     # ------------------------------------------------------------------ helpers
 
@@ -168,7 +178,7 @@ class Ledger:
                 continue
             pool = self.pools.get(pool_name)
             taken = any(lease_id in pl.leases for pl in self.pools.values())
-            if pool is None or taken:
+            if pool is None or taken or lease_id in self.fencing or lease_id in self.expired:
                 rejected.append(lease_id)
                 continue
             lease = Lease(lease_id, pool_name, cid, now)
@@ -186,7 +196,8 @@ class Ledger:
                             "excess", pool_name, len(pool.leases), pool.max)
         outs: List[Out] = [
             (cid, "welcome", {"epoch": self.epoch, "ttl": self.ttl,
-                              "heartbeat": self.heartbeat_interval, "rejected": rejected})
+                              "heartbeat": self.heartbeat_interval, "rejected": rejected,
+                              "fence": self.fence})
         ]
         for pool_name in touched:
             outs += self._rebalance(pool_name, now)
@@ -306,7 +317,7 @@ class Ledger:
                     log.warning("client %s (pid %s on %s) silent for %.1fs: expiring %d lease(s)",
                                 _cid(client.id), client.pid, client.host,
                                 now - client.last_seen, len(client.leases))
-                outs += self._forget(client, now)
+                outs += self._forget(client, now, expired=True)
         for name in touched:
             outs += self._rebalance(name, now)
         return outs
@@ -375,15 +386,42 @@ class Ledger:
         if client.recall.get(lease.pool):
             client.recall[lease.pool] -= 1
 
-    def _forget(self, client: Client, now: float) -> List[Out]:
+    def fenced(self, lease_ids: List[int], now: float) -> List[Out]:
+        """The fencer saw these leases' backends leave the server: free them."""
+        pools = set()
+        for lease_id in lease_ids:
+            lease = self.fencing.pop(lease_id, None)
+            if lease is not None:
+                del self.pools[lease.pool].leases[lease_id]
+                pools.add(lease.pool)
+        outs: List[Out] = []
+        for name in pools:
+            outs += self._rebalance(name, now)
+        return outs
+
+    def _forget(self, client: Client, now: float, expired: bool = False) -> List[Out]:
         pools = {lease.pool for lease in client.leases.values()}
         pools |= {w.pool for w in client.waiting.values()}
+        outs: List[Out] = []
+        if expired and self.fence and client.leases:
+            to_fence = []
+            for lease in list(client.leases.values()):
+                lease.fencing = True
+                self.fencing[lease.id] = lease
+                to_fence.append([lease.id, lease.backend_pid or 0, lease.pool])
+                if lease.rid is not None:
+                    client.granted.pop(lease.rid, None)
+            client.leases.clear()
+            outs.append((b"", "fence", {"leases": to_fence}))  # for the server's fencer
         for lease in list(client.leases.values()):
+            if expired:
+                self.expired[lease.id] = None
+                while len(self.expired) > 100_000:
+                    self.expired.popitem(last=False)
             self._drop_lease(client, lease)
         for waiter in client.waiting.values():
             del self.pools[waiter.pool].queue[(client.id, waiter.rid)]
         del self.clients[client.id]
-        outs: List[Out] = []
         for name in pools:
             outs += self._rebalance(name, now)
         return outs
@@ -392,7 +430,8 @@ class Ledger:
         """Clients that hold or want leases in ``pool``: id -> (held, waiting)."""
         active: Dict[ClientId, List[int]] = {}
         for lease in pool.leases.values():
-            active.setdefault(lease.client, [0, 0])[0] += 1
+            if not lease.fencing:
+                active.setdefault(lease.client, [0, 0])[0] += 1
         for waiter in pool.queue.values():
             active.setdefault(waiter.client, [0, 0])[1] += 1
         return {k: (v[0], v[1]) for k, v in active.items()}
@@ -446,7 +485,7 @@ class Ledger:
         """
         if pool.draining:  # everything back: idle at once, busy ones when returned
             return {lease.client: self.clients[lease.client].held(pool.name)
-                    for lease in pool.leases.values()}
+                    for lease in pool.leases.values() if not lease.fencing}
         excess = len(pool.leases) - pool.max
         if not pool.queue and excess <= 0:
             return {}
@@ -496,6 +535,7 @@ class Ledger:
                        for c in self.clients.values())
             pools[pool.name] = {
                 "max": pool.max,
+                "fencing": sum(1 for lz in pool.leases.values() if lz.fencing),
                 "paused": pool.paused,
                 "draining": pool.draining,
                 "leased": len(pool.leases),
@@ -528,6 +568,9 @@ class Ledger:
         """Assert the internal invariants (used by the property tests)."""
         for pool in self.pools.values():
             for lease in pool.leases.values():
+                if lease.fencing:
+                    assert self.fencing[lease.id] is lease
+                    continue
                 assert self.clients[lease.client].leases[lease.id] is lease
             for (cid, rid), waiter in pool.queue.items():
                 assert self.clients[cid].waiting[rid] is waiter

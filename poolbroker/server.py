@@ -23,6 +23,7 @@ import zmq
 from . import protocol as p
 from .config import ConfigError
 from .config import load as load_config
+from .fencing import Fencer
 from .ledger import Ledger, Out
 from .state import StateFile, default_path
 
@@ -116,6 +117,7 @@ class Broker:
         state_dir: Optional[str] = None,
         config_path: Optional[str] = None,
         pool_overrides: Optional[Dict[str, int]] = None,
+        fence_dsn: Optional[str] = None,
     ) -> None:
         self.bind = bind
         # at least one TTL (every live client heartbeats within it), and 3 s
@@ -126,7 +128,10 @@ class Broker:
         # run that clients re-announce never collide with fresh ones.
         first = (int.from_bytes(os.urandom(4), "big") << 16) + 1
         self.ledger = Ledger(pools, ttl=ttl, epoch=self.epoch,
-                             max_waiting_per_client=max_waiting_per_client, first_lease_id=first)
+                             max_waiting_per_client=max_waiting_per_client, first_lease_id=first,
+                             fence=fence_dsn is not None)
+        self.fence_dsn = fence_dsn
+        self.fencer: Optional[Fencer] = None
         self._stop = False
         self._reload = False
         self.config_path = config_path
@@ -222,14 +227,18 @@ class Broker:
                         f"{self.bind} is already in use (another broker?): {exc}") from None
                 raise
             self._start_grace()
+            if self.fence_dsn:
+                self.fencer = Fencer(self.fence_dsn, self._poke)
             if signals:
                 self._install_signals()
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(self._wake_r.fileno(), zmq.POLLIN)
             pools = ", ".join(f"{n}={pl.max}" for n, pl in self.ledger.pools.items())
-            log.info("poolbroker ready on %s: pools %s, lease ttl %.1fs, epoch %s, pid %d",
-                     self.bind, pools, self.ledger.ttl, self.epoch, os.getpid())
+            log.info("poolbroker ready on %s: pools %s, lease ttl %.1fs, epoch %s, pid %d, %s",
+                     self.bind, pools, self.ledger.ttl, self.epoch, os.getpid(),
+                     "fencing expired leases" if self.fencer else
+                     "no fencing (a frozen process may exceed the budget until it resumes)")
             if on_ready:
                 on_ready()
             self._loop(sock, poller)
@@ -245,6 +254,8 @@ class Broker:
             sock.close(0)
             ctx.term()
             guard.release()
+            if self.fencer is not None:
+                self.fencer.stop()
 
     def _loop(self, sock: zmq.Socket, poller: zmq.Poller) -> None:
         while not self._stop:
@@ -258,6 +269,8 @@ class Broker:
                     self._wake_r.recv(4096)
                 except OSError:
                     pass
+            while self.fencer is not None and not self.fencer.done.empty():
+                self._send(sock, self.ledger.fenced(self.fencer.done.get(), time.monotonic()))
             if self._reload:
                 self._reload = False
                 self._send(sock, self.reload_config(time.monotonic()))
@@ -273,6 +286,10 @@ class Broker:
 
     def _send(self, sock: zmq.Socket, outs: List[Out]) -> None:
         for cid, op, fields in outs:
+            if op == "fence":  # for our fencer, not for a peer
+                assert self.fencer is not None
+                self.fencer.submit(fields["leases"])
+                continue
             try:
                 sock.send_multipart([cid, p.encode(op, **fields)], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # peer gone or its queue full: the TTL cleans up

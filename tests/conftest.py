@@ -126,8 +126,8 @@ def broker(broker_factory):
 def count_backends(dsn: str, tag: str) -> int:
     with psycopg2.connect(dsn, application_name="pbt-counter") as conn:
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                        (tag,))
+            cur.execute("SELECT count(*) FROM pg_stat_activity "
+                        "WHERE split_part(application_name, '/pb', 1) = %s", (tag,))
             n = cur.fetchone()[0]
     conn.close()
     return n

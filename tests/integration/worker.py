@@ -55,9 +55,17 @@ def hold(cfg, pool):
     conns = [pool.getconn(timeout=cfg.get("timeout", 30)) for _ in range(cfg["n"])]
     print("HOLDING " + " ".join(str(c.get_backend_pid()) for c in conns), flush=True)
     sys.stdin.read()  # until the test closes our stdin (or kills us)
-    for conn in conns:
+    use_after = []
+    for conn in conns:  # what using them now gives (they may have been fenced or cut)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            conn.rollback()
+            use_after.append("ok")
+        except psycopg2.Error as exc:
+            use_after.append(f"{type(exc).__name__}: {str(exc).strip()}")
         pool.putconn(conn)
-    return {"held": len(conns)}
+    return {"held": len(conns), "use_after": use_after}
 
 
 def idle(cfg, pool):

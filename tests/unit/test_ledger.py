@@ -32,7 +32,7 @@ def test_grants_up_to_max_then_queues():
     assert grant(ledger, C, 1) is None
     assert ledger.snapshot(0)["pools"]["default"] == {
         "max": 2, "leased": 2, "idle": 0, "busy": 2, "waiting": 1, "paused": False,
-        "draining": False}
+        "draining": False, "fencing": 0}
 
 
 def test_release_goes_to_the_oldest_waiter():
@@ -97,6 +97,20 @@ def test_silent_client_loses_its_leases_after_ttl():
     assert ops(outs, "grant") == [(B, {"rid": 1, "pool": "default", "lease": ledger.clients[B]
                                       .granted[1]})]
     assert A not in ledger.clients
+
+
+def test_a_client_waking_after_expiry_is_told_its_leases_are_lost():
+    ledger = make({"default": 1}, ttl=3.0)
+    lease = grant(ledger, A, 1, now=0.0)
+    ledger.heartbeat(B, idle={}, leases=[], now=2.0)
+    grant(ledger, B, 1, now=2.0, timeout=30)
+    ledger.heartbeat(B, idle={}, leases=[], now=3.5)
+    ledger.tick(3.5)  # A expired; B got its slot
+    outs = ledger.heartbeat(A, idle={}, leases=[lease], now=4.0)
+    assert ops(outs, "error")[0][1]["code"] == p.E_UNKNOWN_CLIENT
+    outs = ledger.hello(A, pid=1, host="h", leases=[(lease, "default")], now=4.0)
+    assert ops(outs, "welcome")[0][1]["rejected"] == [lease]
+    assert ledger.leased("default") == 1  # B's, not A's again
 
 
 def test_bye_returns_everything_at_once():
@@ -265,3 +279,24 @@ def test_pause_holds_requests_until_resume():
     assert ledger.snapshot(0)["pools"]["default"]["waiting"] == 1
     outs = ledger.resume("default", now=1)
     assert [cid for cid, _ in ops(outs, "grant")] == [A]
+
+
+def test_with_fencing_expired_leases_stay_counted_until_fenced():
+    ledger = Ledger({"default": 1}, ttl=3.0, fence=True)
+    ledger.hello(A, pid=1, host="h", now=0)
+    ledger.hello(B, pid=2, host="h", now=0)
+    lease = grant(ledger, A, 1, now=0)
+    ledger.connected(A, lease=lease, backend_pid=4242, now=0)
+    assert grant(ledger, B, 1, now=0, timeout=30) is None
+    ledger.heartbeat(B, idle={}, leases=[], now=2.9)
+    outs = ledger.tick(3.0)  # A is silent: expired, but its backend may still run
+    assert [f for cid, op, f in outs if op == "fence"] == [{"leases": [[lease, 4242,
+                                                                        "default"]]}]
+    assert ops(outs, "grant") == []
+    assert ledger.snapshot(3.0)["pools"]["default"]["fencing"] == 1
+    # A wakes up and re-announces: refused, its backend is being terminated
+    welcome = ops(ledger.hello(A, pid=1, host="h", leases=[(lease, "default")], now=3.1),
+                  "welcome")[0][1]
+    assert welcome["rejected"] == [lease]
+    outs = ledger.fenced([lease], now=3.5)
+    assert [cid for cid, _ in ops(outs, "grant")] == [B]

@@ -129,6 +129,33 @@ class _Nobody:
     leases: dict = {}
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60,
-                                           deadline=None)
+class FencingLedgerMachine(LedgerMachine):
+    """The same rules with fencing on: expired leases stay counted until fenced."""
+
+    def __init__(self):
+        super().__init__()
+        self.ledger = Ledger(dict(POOLS), ttl=TTL, fence=True)
+        self.to_fence = []
+
+    def apply(self, outs):
+        for _, op, fields in outs:
+            if op == "fence":
+                self.to_fence += [lease for lease, _, _ in fields["leases"]]
+        super().apply([o for o in outs if o[1] != "fence"])
+
+    @rule()
+    def fencer_reports(self):
+        done, self.to_fence = self.to_fence, []
+        self.apply(self.ledger.fenced(done, now=self.now))
+
+    @invariant()
+    def fencing_leases_still_count(self):
+        for name, size in POOLS.items():
+            assert len(self.ledger.pools[name].leases) <= size
+
+
+for machine in (LedgerMachine, FencingLedgerMachine):
+    machine.TestCase.settings = settings(max_examples=200, stateful_step_count=60,
+                                         deadline=None)
 TestLedgerMachine = LedgerMachine.TestCase
+TestFencingLedgerMachine = FencingLedgerMachine.TestCase

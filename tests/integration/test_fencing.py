@@ -1,0 +1,73 @@
+"""Frozen workers: with fencing the budget holds; without it the window is bounded
+by the frozen process waking up, and its expired connections never go on silently."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from poolbroker_client import ConnectionPool
+
+from conftest import Sampler, Worker, count_backends, new_tag, tagged
+
+pytestmark = pytest.mark.integration
+
+
+def _frozen_holder_scenario(pg, broker, holder_tag, requester_tag):
+    holder = Worker(dict(mode="hold", n=2, dsn=tagged(pg.dsn, holder_tag), broker=broker.url))
+    holder.wait_line("HOLDING")
+    assert count_backends(pg.dsn, holder_tag) == 2
+    holder.proc.send_signal(signal.SIGSTOP)  # frozen: no heartbeats, connections open
+    got = []
+    with ConnectionPool(tagged(pg.dsn, requester_tag), broker=broker.url, timeout=30) as pool:
+        waiter = threading.Thread(target=lambda: got.append(pool.getconn()))
+        t0 = time.monotonic()
+        waiter.start()
+        waiter.join(20)
+        served_after = time.monotonic() - t0
+        assert got, "the requester was never served"
+        holder_backends_when_served = count_backends(pg.dsn, holder_tag)
+        holder.proc.send_signal(signal.SIGCONT)
+        # once the woken holder has heard from the broker, its expired connections
+        # are gone from the server (fenced, or cut by the holder itself)
+        deadline = time.monotonic() + 10
+        while count_backends(pg.dsn, holder_tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        holder_backends_after_wake = count_backends(pg.dsn, holder_tag)
+        holder.finish()
+        result = holder.result()
+        pool.putconn(got[0])
+    result["backends_after_wake"] = holder_backends_after_wake
+    return served_after, holder_backends_when_served, result
+
+
+def test_with_fencing_a_frozen_holder_is_fenced_before_its_slots_are_regranted(
+        pg, broker_factory):
+    broker = broker_factory({"default": 2}, ttl=2.0, extra=("--fence-dsn", pg.dsn))
+    holder_tag, requester_tag = new_tag(), new_tag()
+    with Sampler(pg.dsn, [holder_tag, requester_tag]) as sampler:
+        served_after, holder_left, result = _frozen_holder_scenario(
+            pg, broker, holder_tag, requester_tag)
+    assert sampler.max_total <= 2, f"server saw {sampler.max_total} connections, budget 2"
+    assert holder_left == 0, "a slot was regranted while the frozen holder's backend lived"
+    assert served_after < 15  # the TTL (counted from the last heartbeat), then fencing
+    # the woken holder's next use fails with a clear error, and it exits cleanly
+    assert all("terminat" in r or "closed" in r for r in result["use_after"]), result
+    assert "fenced 2 expired lease(s)" in broker.log_text()
+    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 5)
+    assert status["pools"]["default"]["leased"] == 0
+
+
+def test_without_fencing_a_woken_holder_cuts_its_expired_connections(pg, broker_factory):
+    """The documented window: without --fence-dsn the slots go to others after the
+    TTL while the frozen process still has its connections. When it wakes it learns
+    its leases expired and cuts them at once; its next use fails."""
+    broker = broker_factory({"default": 2}, ttl=2.0)
+    holder_tag, requester_tag = new_tag(), new_tag()
+    served_after, holder_left, result = _frozen_holder_scenario(
+        pg, broker, holder_tag, requester_tag)
+    assert served_after < 15
+    assert holder_left == 2  # the over-budget window the README describes
+    assert result["backends_after_wake"] == 0, "the woken holder kept its connections"
+    assert all(r != "ok" for r in result["use_after"]), result  # the next use fails

@@ -86,7 +86,7 @@ class LeaseClient:
         self._welcomed_gen = 0
         self._heartbeat = 1.0
         self.epoch: Optional[str] = None
-        self.fence = False  # the broker fences: tag connections with their lease
+        self.fence = ""  # the broker fences: tag connections with this + their lease id
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.started: Optional[float] = None
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}".encode()
@@ -346,7 +346,8 @@ class LeaseClient:
             log.warning("broker %s restarted (epoch %s -> %s); re-announced %d lease(s)",
                         self.url, self.epoch, msg["epoch"], len(self._leases))
         self.epoch = msg["epoch"]
-        self.fence = bool(msg.get("fence"))
+        fence = msg.get("fence")
+        self.fence = fence if isinstance(fence, str) and len(fence) < 20 else ""
         self._heartbeat = max(0.05, float(msg["heartbeat"]))
         now = time.monotonic()
         with self._lock:

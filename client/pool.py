@@ -21,8 +21,6 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 import psycopg2
 import psycopg2.extensions as ext
 
-from poolbroker.fencing import tag_for
-
 from . import closing
 from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout
 from .leases import LeaseClient, LeaseRequest, track_pool
@@ -512,7 +510,7 @@ class ConnectionPool:
                 name = None
         if name is None:
             name = os.environ.get("PGAPPNAME", "")
-        tag = tag_for(lease)
+        tag = f"{self._lease_client().fence}{lease}"
         return name.encode()[:63 - len(tag)].decode(errors="ignore") + tag
 
     # ----------------------------------------------------------------- returning

@@ -97,6 +97,7 @@ class Ledger:
         first_lease_id: int = 1,
         grace_until: float = 0.0,
         fence: bool = False,
+        fence_tag: str = "",
     ) -> None:
         if not pools:
             raise ValueError("at least one pool is needed")
@@ -116,6 +117,8 @@ class Ledger:
         # With fencing, leases of expired clients stay counted (in pool.leases,
         # owned by nobody) until the fencer reports their backends gone.
         self.fence = fence
+        self.fence_tag = fence_tag  # what clients put before the lease id
+        self._sweeping = False
         self.fencing: Dict[int, Lease] = {}
         # Lease ids this broker expired: their slots went to others, so a client
         # waking up with them is told they are lost (a restarted broker, knowing
@@ -197,7 +200,7 @@ class Ledger:
         outs: List[Out] = [
             (cid, "welcome", {"epoch": self.epoch, "ttl": self.ttl,
                               "heartbeat": self.heartbeat_interval, "rejected": rejected,
-                              "fence": self.fence})
+                              "fence": self.fence_tag if self.fence else ""})
         ]
         for pool_name in touched:
             outs += self._rebalance(pool_name, now)
@@ -295,12 +298,14 @@ class Ledger:
         at the end of the grace period, grant what waited."""
         outs: List[Out] = []
         touched = set()
-        if self._in_grace and now >= self.grace_until:
-            self._in_grace = False
-            leased = sum(len(pl.leases) for pl in self.pools.values())
-            log.info("grace period over: %d lease(s) re-announced by %d client(s); granting",
-                     leased, len(self.clients))
-            touched.update(self.pools)
+        if self._in_grace and now >= self.grace_until and not self._sweeping:
+            if self.fence:
+                # before granting: end the backends of leases nobody re-announced
+                self._sweeping = True
+                known = [lz for pl in self.pools.values() for lz in pl.leases]
+                outs.append((b"", "sweep", {"known": known}))
+            else:
+                outs += self.swept(now)
         for pool in self.pools.values():
             for key, waiter in list(pool.queue.items()):
                 if waiter.deadline <= now:
@@ -326,7 +331,7 @@ class Ledger:
         """The earliest time at which :meth:`tick` has something to do."""
         times = [w.deadline for pool in self.pools.values() for w in pool.queue.values()]
         times += [c.last_seen + self.ttl for c in self.clients.values()]
-        if self._in_grace:
+        if self._in_grace and not self._sweeping:
             times.append(self.grace_until)
         return min(times) if times else None
 
@@ -385,6 +390,17 @@ class Ledger:
             client.granted.pop(lease.rid, None)
         if client.recall.get(lease.pool):
             client.recall[lease.pool] -= 1
+
+    def swept(self, now: float) -> List[Out]:
+        """The grace period is over (and, with fencing, unknown backends are gone)."""
+        self._in_grace = self._sweeping = False
+        leased = sum(len(pl.leases) for pl in self.pools.values())
+        log.info("grace period over: %d lease(s) re-announced by %d client(s); granting",
+                 leased, len(self.clients))
+        outs: List[Out] = []
+        for name in self.pools:
+            outs += self._rebalance(name, now)
+        return outs
 
     def fenced(self, lease_ids: List[int], now: float) -> List[Out]:
         """The fencer saw these leases' backends leave the server: free them."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ import zmq
 from . import protocol as p
 from .config import ConfigError
 from .config import load as load_config
-from .fencing import Fencer
+from .fencing import Fencer, tag_prefix
 from .ledger import Ledger, Out
 from .state import StateFile, default_path
 
@@ -127,9 +128,11 @@ class Broker:
         # Lease ids start at a per-run random offset so that ids from a previous
         # run that clients re-announce never collide with fresh ones.
         first = (int.from_bytes(os.urandom(4), "big") << 16) + 1
+        # stable across restarts of this broker, so a restarted one finds its tags
+        self.broker_id = hashlib.sha1(f"{socket.gethostname()}|{bind}".encode()).hexdigest()[:6]
         self.ledger = Ledger(pools, ttl=ttl, epoch=self.epoch,
                              max_waiting_per_client=max_waiting_per_client, first_lease_id=first,
-                             fence=fence_dsn is not None)
+                             fence=fence_dsn is not None, fence_tag=tag_prefix(self.broker_id))
         self.fence_dsn = fence_dsn
         self.fencer: Optional[Fencer] = None
         self._stop = False
@@ -228,7 +231,7 @@ class Broker:
                 raise
             self._start_grace()
             if self.fence_dsn:
-                self.fencer = Fencer(self.fence_dsn, self._poke)
+                self.fencer = Fencer(self.fence_dsn, self.broker_id, self._poke)
             if signals:
                 self._install_signals()
             poller = zmq.Poller()
@@ -270,7 +273,11 @@ class Broker:
                 except OSError:
                     pass
             while self.fencer is not None and not self.fencer.done.empty():
-                self._send(sock, self.ledger.fenced(self.fencer.done.get(), time.monotonic()))
+                kind, leases = self.fencer.done.get()
+                now = time.monotonic()
+                outs = self.ledger.fenced(leases, now) if kind == "fenced" else \
+                    self.ledger.swept(now)
+                self._send(sock, outs)
             if self._reload:
                 self._reload = False
                 self._send(sock, self.reload_config(time.monotonic()))
@@ -289,6 +296,10 @@ class Broker:
             if op == "fence":  # for our fencer, not for a peer
                 assert self.fencer is not None
                 self.fencer.submit(fields["leases"])
+                continue
+            if op == "sweep":
+                assert self.fencer is not None
+                self.fencer.sweep(fields["known"])
                 continue
             try:
                 sock.send_multipart([cid, p.encode(op, **fields)], zmq.NOBLOCK)

@@ -71,3 +71,29 @@ def test_without_fencing_a_woken_holder_cuts_its_expired_connections(pg, broker_
     assert holder_left == 2  # the over-budget window the README describes
     assert result["backends_after_wake"] == 0, "the woken holder kept its connections"
     assert all(r != "ok" for r in result["use_after"]), result  # the next use fails
+
+
+def test_with_fencing_a_holder_frozen_across_a_restart_beyond_the_grace_is_swept(
+        pg, broker_factory):
+    from conftest import short_ipc
+
+    url = short_ipc()
+    extra = ("--fence-dsn", pg.dsn)
+    first = broker_factory({"default": 2}, ttl=2.0, url=url, extra=extra)
+    holder_tag, requester_tag = new_tag(), new_tag()
+    holder = Worker(dict(mode="hold", n=2, dsn=tagged(pg.dsn, holder_tag), broker=url))
+    holder.wait_line("HOLDING")
+    with Sampler(pg.dsn, [holder_tag, requester_tag]) as sampler:
+        holder.proc.send_signal(signal.SIGSTOP)
+        first.kill(signal.SIGKILL)
+        second = broker_factory({"default": 2}, ttl=2.0, url=url, extra=extra)
+        with ConnectionPool(tagged(pg.dsn, requester_tag), broker=url, timeout=30) as pool:
+            conn = pool.getconn()  # only after the grace period and the sweep
+            assert count_backends(pg.dsn, holder_tag) == 0
+            pool.putconn(conn)
+        holder.proc.send_signal(signal.SIGCONT)
+        holder.finish()
+        result = holder.result()
+    assert sampler.max_total <= 2, f"server saw {sampler.max_total} connections, budget 2"
+    assert all(r != "ok" for r in result["use_after"]), result
+    assert "restart sweep" in second.log_text()

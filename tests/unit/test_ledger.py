@@ -282,8 +282,8 @@ def test_pause_holds_requests_until_resume():
 
 
 def test_with_fencing_expired_leases_stay_counted_until_fenced():
-    ledger = Ledger({"default": 1}, ttl=3.0, fence=True)
-    ledger.hello(A, pid=1, host="h", now=0)
+    ledger = Ledger({"default": 1}, ttl=3.0, fence=True, fence_tag="/pbx:")
+    assert ops(ledger.hello(A, pid=1, host="h", now=0), "welcome")[0][1]["fence"] == "/pbx:"
     ledger.hello(B, pid=2, host="h", now=0)
     lease = grant(ledger, A, 1, now=0)
     ledger.connected(A, lease=lease, backend_pid=4242, now=0)
@@ -300,3 +300,15 @@ def test_with_fencing_expired_leases_stay_counted_until_fenced():
     assert welcome["rejected"] == [lease]
     outs = ledger.fenced([lease], now=3.5)
     assert [cid for cid, _ in ops(outs, "grant")] == [B]
+
+
+def test_with_fencing_the_grace_period_ends_with_a_sweep():
+    ledger = Ledger({"default": 1}, ttl=3.0, fence=True, grace_until=3.0)
+    ledger.hello(A, pid=1, host="h", leases=[(9, "default")], now=1)
+    ledger.hello(B, pid=2, host="h", now=1)
+    assert grant(ledger, B, 1, now=1) is None
+    outs = ledger.tick(3.0)
+    assert [f for _, op, f in outs if op == "sweep"] == [{"known": [9]}]
+    ledger.release(A, lease=9, now=3.1)
+    assert ops(ledger.tick(3.2), "grant") == []  # still sweeping: nothing granted
+    assert [cid for cid, _ in ops(ledger.swept(3.3), "grant")] == [B]

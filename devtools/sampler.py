@@ -17,25 +17,38 @@ class Sampler:
         self.max: Dict[str, int] = dict.fromkeys(tags, 0)
         self.max_total = 0
         self.samples = 0
+        self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        conn = psycopg2.connect(self.dsn, application_name="pbt-sampler")
-        conn.autocommit = True
-        cur = conn.cursor()
+        conn = None
         while not self._stop.is_set():
-            # the tag is what comes before a lease tag ("/pb<lease>") if any
-            cur.execute("SELECT split_part(application_name, '/pb', 1) AS tag, count(*) "
-                        "FROM pg_stat_activity WHERE split_part(application_name, '/pb', 1) "
-                        "= ANY(%s) GROUP BY 1", (self.tags,))
-            counts = dict(cur.fetchall())
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg2.connect(self.dsn, application_name="pbt-sampler",
+                                            connect_timeout=2)
+                    conn.autocommit = True
+                with conn.cursor() as cur:
+                    # the tag is what comes before a lease tag ("/pb...") if any
+                    cur.execute("SELECT split_part(application_name, '/pb', 1) AS tag, "
+                                "count(*) FROM pg_stat_activity "
+                                "WHERE split_part(application_name, '/pb', 1) = ANY(%s) "
+                                "GROUP BY 1", (self.tags,))
+                    counts = dict(cur.fetchall())
+            except psycopg2.Error:
+                # the server restarts (chaos tests): nobody can be connected meanwhile
+                self.errors += 1
+                conn = None
+                self._stop.wait(0.05)
+                continue
             for tag in self.tags:
                 self.max[tag] = max(self.max[tag], counts.get(tag, 0))
             self.max_total = max(self.max_total, sum(counts.values()))
             self.samples += 1
             self._stop.wait(self.interval)
-        conn.close()
+        if conn is not None:
+            conn.close()
 
     def __enter__(self) -> "Sampler":
         self._thread.start()

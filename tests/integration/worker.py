@@ -8,6 +8,7 @@ Modes:
   mp     a pool used before fork, then by multiprocessing (fork) children
   fork   os.fork() with idle and in-use connections (see fork())
   preexec  subprocesses with preexec_fn while a min_size pool is open
+  chaos  transactions until a deadline, outcomes recorded line by line
 Prints ``RESULT <json>`` at the end.
 """
 
@@ -180,13 +181,45 @@ def preexec(cfg, pool):
     return {"codes": codes}
 
 
+def chaos(cfg, pool):
+    """Transactions until the deadline, each recorded in an outcome file line by
+    line (so a SIGKILL loses nothing already recorded): C id = the commit returned,
+    R id = an exception reached the caller."""
+    import os
+
+    out = open(cfg["outcomes"], "a", buffering=1)
+    deadline = time.monotonic() + cfg["seconds"]
+
+    def run(thread):
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            txid = f"{os.getpid()}-{thread}-{n}"
+            try:
+                with pool.connection(timeout=cfg.get("timeout", 10)) as conn:
+                    with conn.cursor() as cur:
+                        cur.execute("INSERT INTO chaos_tx (id) VALUES (%s)", (txid,))
+                        cur.execute("SELECT pg_sleep(%s)", (cfg.get("sleep", 0.01),))
+                out.write(f"C {txid}\n")
+            except Exception as exc:
+                out.write(f"R {txid} {type(exc).__name__}\n")
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(cfg.get("threads", 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {}
+
+
 def main():
     cfg = json.loads(sys.argv[1])
     pool = ConnectionPool(cfg["dsn"], broker=cfg["broker"], pool=cfg.get("pool"),
                           min_size=cfg.get("min_size", 0), max_size=cfg.get("max_size"),
                           timeout=cfg.get("timeout", 30), name=cfg.get("name"))
     mode = {"load": load, "hold": hold, "mp": mp, "fork": fork, "idle": idle,
-            "preexec": preexec}[cfg["mode"]]
+            "preexec": preexec, "chaos": chaos}[cfg["mode"]]
     t0 = time.monotonic()
     result = mode(cfg, pool)
     result["elapsed"] = time.monotonic() - t0

@@ -9,6 +9,12 @@ hands grants and errors to callbacks, and acts on recalls.
 
 A grant that arrives for a request nobody waits for any more is released at once,
 so a lease is never lost between a caller's timeout and the broker's answer.
+
+After a stall (the process was frozen, or starved, for longer than a heartbeat
+interval) the client's leases may have expired at the broker and gone to others.
+Until the broker has answered a fresh heartbeat, the client is *suspect*: grants
+are held back, and connections opened across the stall are not handed out. If the
+broker no longer knows us, the held grants are dropped (it rejects their leases).
 """
 
 from __future__ import annotations
@@ -87,6 +93,12 @@ class LeaseClient:
         self._heartbeat = 1.0
         self.epoch: Optional[str] = None
         self.fence = ""  # the broker fences: tag connections with this + their lease id
+        self._suspect = False
+        self.confirmed = threading.Event()  # set while not suspect
+        self.confirmed.set()
+        self._held: List[tuple] = []  # grants held back while suspect
+        self._check_rid = 0  # the heartbeat whose answer confirms us
+        self._hello_listed: set = set()
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.started: Optional[float] = None
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}".encode()
@@ -209,6 +221,9 @@ class LeaseClient:
     def _hello(self) -> bytes:
         self._hello_gen += 1
         leases = [[lease, pool] for lease, pool in self._leases.items()]
+        # held grants are listed too: the broker rejects those it expired with us
+        self._hello_listed = {lease for _, _, lease in self._held}
+        leases += [[lease, pool] for _, pool, lease in self._held]
         return p.encode("hello", pid=os.getpid(), host=socket.gethostname(),
                         name=_process_name(), leases=leases)
 
@@ -227,12 +242,20 @@ class LeaseClient:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         next_beat = time.monotonic() + self._heartbeat
         backlog = False
+        last = time.monotonic()
         try:
             while True:
                 wait = max(0.0, next_beat - time.monotonic())
                 if backlog:
                     wait = min(wait, 0.1)
+                before = time.monotonic()
                 events = dict(poller.poll(int(wait * 1000) + 1))
+                after = time.monotonic()
+                # frozen in poll, or between two polls: leases may have expired
+                stalled = max(after - before - wait, before - last)
+                last = after
+                if stalled > self._heartbeat and self._welcomed_gen:
+                    self.suspect(stalled)
                 if self._wake_r.fileno() in events:
                     try:
                         while self._wake_r.recv(4096):
@@ -276,13 +299,15 @@ class LeaseClient:
                 return True
         return False
 
-    def _heartbeat_frame(self) -> bytes:
+    def _heartbeat_frame(self, rid: Optional[int] = None) -> bytes:
         idle: Dict[str, int] = {}
         for pool in list(self._pools):
             name, n = pool._idle_count()
             idle[name] = idle.get(name, 0) + n
         with self._lock:
             leases = list(self._leases)
+        if rid is not None:
+            return p.encode("heartbeat", idle=idle, leases=leases, rid=rid)
         return p.encode("heartbeat", idle=idle, leases=leases)
 
     def _on_frame(self, frame: bytes) -> None:
@@ -303,8 +328,57 @@ class LeaseClient:
             self._on_welcome(msg)
         elif op == "hb":
             self._on_lost(msg["unknown"])
+            if self._suspect and msg.get("rid") == self._check_rid:
+                # the answer to a beat sent after the stall: it still knows us, so
+                # the grants it sent are good (unless it says otherwise)
+                unknown = set(msg["unknown"])
+                self._confirm({lz for _, _, lz in self._held if lz not in unknown},
+                              everything=False)
+
+    def suspect(self, stalled: float) -> None:
+        """This process stalled (any thread may say so): confirm our leases with
+        the broker before new ones are used."""
+        with self._lock:
+            if self._suspect:
+                return
+            self._suspect = True
+            self.confirmed.clear()
+        log.warning("process stalled for %.1fs: confirming leases with broker %s before "
+                    "using new ones", stalled, self.url)
+        with self._lock:
+            self._check_rid = next(self._rids)
+        self._send_soon(self._heartbeat_frame(self._check_rid))
+
+    def _send_soon(self, frame: bytes) -> None:
+        with self._lock:
+            self._outbox.append(frame)
+        self._wake()
+
+    def _confirm(self, trusted: set, everything: bool) -> None:
+        """The broker answered while we were suspect: deliver the held grants it
+        vouches for (all of them if it still knew us), drop the others."""
+        with self._lock:
+            if not self._suspect:
+                return
+            held, self._held = self._held, []
+            self._suspect = False
+        for rid, pool, lease in held:
+            if everything or lease in trusted:
+                self._deliver_grant(rid, pool, lease)
+            else:
+                # unconfirmed: give it back (a lease the broker expired is ignored there)
+                log.warning("dropping grant of lease %d received across a stall", lease)
+                self._send_soon(p.encode("release", lease=lease))
+        self.confirmed.set()
 
     def _on_grant(self, rid: int, pool: str, lease: int) -> None:
+        with self._lock:
+            if self._suspect:
+                self._held.append((rid, pool, lease))
+                return
+        self._deliver_grant(rid, pool, lease)
+
+    def _deliver_grant(self, rid: int, pool: str, lease: int) -> None:
         with self._lock:
             req = self._requests.pop(rid, None)
             if req is None or req.done:
@@ -362,6 +436,8 @@ class LeaseClient:
         self._wake()
         if msg["rejected"]:
             self._on_lost(msg["rejected"])
+        rejected = set(msg["rejected"])
+        self._confirm(self._hello_listed - rejected, everything=False)
 
     def _on_recall(self, pool: str, count: int) -> None:
         with self._lock:

@@ -456,6 +456,15 @@ class ConnectionPool:
         conn = fd = None
         try:
             conn = psycopg2.connect(self.conninfo, **self._connect_kwargs(deadline, lease))
+            stalled = time.monotonic() - t0
+            if stalled > client._heartbeat:
+                # frozen while connecting? the lease may have expired meanwhile:
+                # confirm it before anyone uses this connection
+                client.suspect(stalled)
+                client.confirmed.wait(max(0.0, deadline - time.monotonic()))
+            if client.is_lost(lease) or not client.confirmed.is_set():
+                raise PoolError(f"{self.name}: the lease expired while connecting (the "
+                                f"process stalled for {stalled:.1f}s); try again")
             fd = closing.watch(conn)
             client.connected(lease, conn.get_backend_pid())
             if self._configure is not None:

@@ -12,12 +12,16 @@ class Sampler:
     """Counts server connections per application_name every ``interval`` seconds
     from its own admin connection, and keeps the maximum seen."""
 
-    def __init__(self, dsn: str, tags: List[str], interval: float = 0.01) -> None:
+    def __init__(self, dsn: str, tags: List[str], interval: float = 0.01,
+                 limit: int = 0) -> None:
         self.dsn, self.tags, self.interval = dsn, tags, interval
         self.max: Dict[str, int] = dict.fromkeys(tags, 0)
         self.max_total = 0
         self.samples = 0
         self.errors = 0
+        # with a limit: the rows of the first samples above it, for the diagnosis
+        self.limit = limit
+        self.violations: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -36,6 +40,12 @@ class Sampler:
                                 "WHERE split_part(application_name, '/pb', 1) = ANY(%s) "
                                 "GROUP BY 1", (self.tags,))
                     counts = dict(cur.fetchall())
+                    if self.limit and sum(counts.values()) > self.limit \
+                            and len(self.violations) < 5:
+                        cur.execute("SELECT now(), pid, application_name, backend_start, state "
+                                    "FROM pg_stat_activity WHERE split_part(application_name, "
+                                    "'/pb', 1) = ANY(%s) ORDER BY backend_start", (self.tags,))
+                        self.violations.append([[str(v) for v in row] for row in cur.fetchall()])
             except psycopg2.Error:
                 # the server restarts (chaos tests): nobody can be connected meanwhile
                 self.errors += 1

@@ -268,7 +268,8 @@ class Ledger:
         return []
 
     def heartbeat(
-        self, cid: ClientId, *, idle: Dict[str, int], leases: List[int], now: float
+        self, cid: ClientId, *, idle: Dict[str, int], leases: List[int], now: float,
+        rid: Optional[int] = None,
     ) -> List[Out]:
         """The client is alive; ``idle`` says how many idle connections it keeps per
         pool (a hint for recalls), ``leases`` which leases it believes it holds."""
@@ -279,7 +280,10 @@ class Ledger:
                    if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)]
         client.idle = {k: v for k, v in idle.items() if k in self.pools}
         unknown = [lease for lease in leases if lease not in client.leases]
-        outs = [(cid, "hb", {"epoch": self.epoch, "unknown": unknown})]
+        reply: Dict[str, Any] = {"epoch": self.epoch, "unknown": unknown}
+        if rid is not None:  # the client wants to know it is this beat's answer
+            reply["rid"] = rid
+        outs = [(cid, "hb", reply)]
         for pool in changed:
             outs += self._rebalance(pool, now)
         return outs

@@ -14,7 +14,8 @@ acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds
 cancel      ``rid`` int: nobody waits for that request any more
 release     ``lease`` int: the connection is closed and the server saw it go
 connected   ``lease`` int, ``backend_pid`` int: for audit and fencing
-heartbeat   ``idle`` map pool -> int, ``leases`` list of int
+heartbeat   ``idle`` map pool -> int, ``leases`` list of int, optional ``rid``
+            (echoed in ``hb``: a client checking its leases after a stall)
 bye         (nothing): the process is leaving, release everything it holds
 status      ``rid`` int
 resize      ``rid`` int, ``pool`` str, ``max`` int (administration)

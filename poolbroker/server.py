@@ -346,7 +346,9 @@ class Broker:
             return ledger.connected(cid, lease=msg["lease"], backend_pid=msg["backend_pid"],
                                     now=now)
         if op == "heartbeat":
-            return ledger.heartbeat(cid, idle=msg["idle"], leases=msg["leases"], now=now)
+            rid = msg.get("rid")
+            return ledger.heartbeat(cid, idle=msg["idle"], leases=msg["leases"], now=now,
+                                    rid=rid if p._uint(rid) else None)
         if op == "hello":
             return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
                                 leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)

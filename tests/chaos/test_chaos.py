@@ -63,7 +63,8 @@ def test_chaos(pg, broker_factory, tmp_path):
     fleet = [spawn() for _ in range(FLEET)]
     frozen = {}  # worker -> when to resume it
     faults = collections.Counter()
-    with Sampler(pg.dsn, [tag], interval=0.01) as sampler:
+    log = []  # (time, fault) for the diagnosis of a failure
+    with Sampler(pg.dsn, [tag], interval=0.01, limit=BUDGET) as sampler:
         while time.monotonic() < end - 1.0:
             time.sleep(rng.uniform(0.3, 1.0))  # pacing between faults
             for w, when in list(frozen.items()):
@@ -92,6 +93,7 @@ def test_chaos(pg, broker_factory, tmp_path):
             else:
                 fault = "none"
             faults[fault] += 1
+            log.append((round(time.time(), 3), fault))
         for w in frozen:
             w.proc.send_signal(signal.SIGCONT)
         frozen.clear()
@@ -123,6 +125,9 @@ def test_chaos(pg, broker_factory, tmp_path):
     assert sampler.samples > SECONDS * 20, "the sampler must have watched the run"
     assert sum(faults.values()) - faults["none"] >= 3, "the run must have injected faults"
     assert len(committed) > 50, "the fleet must have done work"
+    if sampler.max_total > BUDGET:
+        print("OVER BUDGET samples:", json.dumps(sampler.violations, indent=1))
+        print("faults:", log)
     assert sampler.max_total <= BUDGET, report
     assert not lost, f"commits that returned but are not in the table: {sorted(lost)[:5]}"
     assert status["pools"]["default"]["leased"] == 0, report

@@ -406,6 +406,11 @@ class Ledger:
             outs += self._rebalance(name, now)
         return outs
 
+    def _remember_expired(self, lease_id: int) -> None:
+        self.expired[lease_id] = None
+        while len(self.expired) > 100_000:
+            self.expired.popitem(last=False)
+
     def fenced(self, lease_ids: List[int], now: float) -> List[Out]:
         """The fencer saw these leases' backends leave the server: free them."""
         pools = set()
@@ -423,6 +428,9 @@ class Ledger:
         pools = {lease.pool for lease in client.leases.values()}
         pools |= {w.pool for w in client.waiting.values()}
         outs: List[Out] = []
+        if expired:
+            for lease_id in client.leases:  # whatever happens next, never adopt these
+                self._remember_expired(lease_id)
         if expired and self.fence and client.leases:
             to_fence = []
             for lease in list(client.leases.values()):
@@ -434,10 +442,6 @@ class Ledger:
             client.leases.clear()
             outs.append((b"", "fence", {"leases": to_fence}))  # for the server's fencer
         for lease in list(client.leases.values()):
-            if expired:
-                self.expired[lease.id] = None
-                while len(self.expired) > 100_000:
-                    self.expired.popitem(last=False)
             self._drop_lease(client, lease)
         for waiter in client.waiting.values():
             del self.pools[waiter.pool].queue[(client.id, waiter.rid)]

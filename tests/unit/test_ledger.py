@@ -300,6 +300,10 @@ def test_with_fencing_expired_leases_stay_counted_until_fenced():
     assert welcome["rejected"] == [lease]
     outs = ledger.fenced([lease], now=3.5)
     assert [cid for cid, _ in ops(outs, "grant")] == [B]
+    # and after fencing too (found by the chaos suite: a fenced lease re-adopted)
+    welcome = ops(ledger.hello(A, pid=1, host="h", leases=[(lease, "default")], now=3.6),
+                  "welcome")[0][1]
+    assert welcome["rejected"] == [lease] and ledger.leased("default") == 1
 
 
 def test_with_fencing_the_grace_period_ends_with_a_sweep():

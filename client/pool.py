@@ -49,7 +49,8 @@ class _Waiter:
     """A thread waiting in getconn(). Served by exactly one of: a returned
     connection (``conn``), a granted lease (``lease``), or an error."""
 
-    __slots__ = ("event", "deadline", "done", "conn", "lease", "error", "req", "warm")
+    __slots__ = ("event", "deadline", "done", "conn", "lease", "error", "req", "warm",
+                 "granted_at")
 
     def __init__(self, deadline: float, warm: bool = False) -> None:
         self.warm = warm  # opened by the janitor for min_size, not by a caller
@@ -60,6 +61,7 @@ class _Waiter:
         self.lease: Optional[int] = None
         self.error: Optional[BaseException] = None
         self.req: Optional[LeaseRequest] = None
+        self.granted_at = 0.0  # when the grant reached us (a freeze after it shows)
 
 
 class ConnectionPool:
@@ -384,6 +386,7 @@ class ConnectionPool:
                 if target is not w:
                     self._cancel_req_locked(target)
                 target.lease = lease
+                target.granted_at = time.monotonic()
                 target.done = True
                 self._opening += 1
                 target.event.set()
@@ -418,7 +421,7 @@ class ConnectionPool:
                                   f"{self._where()}: {w.error}")
             raise w.error
         assert w.lease is not None
-        return self._open_leased(w.lease, w.deadline, for_caller=True)
+        return self._open_leased(w.lease, w.deadline, for_caller=True, granted_at=w.granted_at)
 
     def _timeout_message(self, timeout: float) -> str:
         client = self._lease_client()
@@ -448,7 +451,8 @@ class ConnectionPool:
 
     # ----------------------------------------------------------------- connecting
 
-    def _open_leased(self, lease: int, deadline: float, for_caller: bool) -> Any:
+    def _open_leased(self, lease: int, deadline: float, for_caller: bool,
+                     granted_at: float) -> Any:
         """Connect inside ``lease``. On failure the lease goes back at once (no
         server connection exists, so nothing to wait for)."""
         client = self._lease_client()
@@ -456,10 +460,10 @@ class ConnectionPool:
         conn = fd = None
         try:
             conn = psycopg2.connect(self.conninfo, **self._connect_kwargs(deadline, lease))
-            stalled = time.monotonic() - t0
-            if stalled > client._heartbeat:
-                # frozen while connecting? the lease may have expired meanwhile:
-                # confirm it before anyone uses this connection
+            # Frozen anywhere between the grant and now? The lease may have expired
+            # and gone to someone else: confirm it before anyone uses this connection.
+            stalled = time.monotonic() - granted_at
+            if stalled > client._heartbeat or not client.confirmed.is_set():
                 client.suspect(stalled)
                 client.confirmed.wait(max(0.0, deadline - time.monotonic()))
             if client.is_lost(lease) or not client.confirmed.is_set():
@@ -726,7 +730,7 @@ class ConnectionPool:
             if w.lease is None:
                 raise w.error or PoolTimeout(f"no lease within {self.timeout:g}s "
                                              f"({self._lease_client().describe_broker()})")
-            self._open_leased(w.lease, w.deadline, for_caller=False)
+            self._open_leased(w.lease, w.deadline, for_caller=False, granted_at=w.granted_at)
             self._warm_backoff = 0.0
         except Exception as exc:
             log.warning("%s: could not open a connection to keep min_size %d: %s",
@@ -754,6 +758,27 @@ class ConnectionPool:
         if idle:
             self._close_and_release(idle)
         return len(idle)
+
+    def _prefill(self, count: int) -> int:
+        """Open up to ``count`` connections now and keep them idle, waiting at most
+        a second for each lease: what the drop-ins do at construction, so that a bad
+        DSN fails the constructor while a momentarily full budget does not. A
+        database error closes the pool and propagates. Returns how many opened."""
+        conns: List[Any] = []
+        try:
+            for _ in range(count):
+                conns.append(self.getconn(timeout=min(1.0, self.timeout)))
+        except PoolTimeout:
+            log.info("%s: budget full at start: %d of %d connections opened now, the rest "
+                     "later", self.name, len(conns), count)
+        except BaseException:
+            for conn in conns:
+                self.putconn(conn)
+            self.close()
+            raise
+        for conn in conns:
+            self.putconn(conn)
+        return len(conns)
 
     def _take_idle(self) -> Any:
         """An idle connection, marked in use, or None (no waiting, no broker)."""

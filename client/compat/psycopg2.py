@@ -28,7 +28,6 @@ and never passed to ``psycopg2.connect``; ``broker`` defaults to
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
@@ -37,8 +36,6 @@ from ..pool import ConnectionPool
 
 __all__ = ["AbstractConnectionPool", "PoolError", "PoolTimeout", "SimpleConnectionPool",
            "ThreadedConnectionPool"]
-
-log = logging.getLogger("poolbroker_client")
 
 POOL_KEYWORDS = ("broker", "pool", "timeout")
 _PENDING = object()  # a key whose connection is being fetched by another thread
@@ -83,25 +80,9 @@ class AbstractConnectionPool:
             timeout=float(options.get("timeout", 30.0)),
             broker=options.get("broker"), pool=options.get("pool"),
             name=f"{type(self).__name__}-{id(self):x}")
-        self._prefill()
-
-    def _prefill(self) -> None:
-        # Like psycopg2.pool, open minconn connections now, so that a bad DSN fails
-        # the constructor. If the budget is full, the rest are opened on demand.
-        conns: List[Any] = []
-        try:
-            for _ in range(self.minconn):
-                conns.append(self._leased.getconn(timeout=min(1.0, self._leased.timeout)))
-        except PoolTimeout:
-            log.info("%s: budget full at start: %d of minconn %d connections opened, the "
-                     "rest will be opened on demand", self._leased.name, len(conns), self.minconn)
-        except BaseException:
-            for conn in conns:
-                self._leased.putconn(conn)
-            self._leased.close()
-            raise
-        for conn in conns:
-            self._leased.putconn(conn)
+        # like psycopg2.pool, open minconn now: a bad DSN fails the constructor;
+        # if the budget is full, the rest are opened on demand
+        self._leased._prefill(self.minconn)
 
     @property
     def _pool(self) -> List[Any]:

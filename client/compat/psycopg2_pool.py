@@ -77,24 +77,9 @@ class ConnectionPool:
             timeout=float(options.get("timeout", 30.0)),
             broker=options.get("broker"), pool=options.get("pool"),
             name=f"{type(self).__name__}-{id(self):x}")
-        self._prefill()
-
-    def _prefill(self) -> None:
-        # Like the original, open minconn connections now (a bad DSN raises here),
-        # unless the budget is full: then the background opens them.
-        conns = []
-        try:
-            for _ in range(int(self.minconn)):
-                conns.append(self._leased.getconn(timeout=min(1.0, self._leased.timeout)))
-        except PoolTimeout:
-            pass
-        except BaseException:
-            for conn in conns:
-                self._leased.putconn(conn)
-            self._leased.close()
-            raise
-        for conn in conns:
-            self._leased.putconn(conn)
+        # like the original, open minconn now (a bad DSN raises here), unless the
+        # budget is full: then the background keeps minconn
+        self._leased._prefill(int(minconn))
 
     @property
     def idle_connections(self) -> Deque[Any]:

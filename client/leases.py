@@ -80,6 +80,7 @@ class LeaseClient:
         self._outbox: List[bytes] = []
         self._requests: Dict[int, LeaseRequest] = {}
         self._leases: Dict[int, str] = {}  # lease id -> pool name
+        self._connected: set = set()  # leases whose connection exists (reported)
         self._lost: set = set()
         self._debt: Dict[str, int] = {}  # pool -> leases the broker wants back
         self._pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -143,6 +144,7 @@ class LeaseClient:
         with self._lock:
             pool = self._leases.pop(lease, None)
             self._lost.discard(lease)
+            self._connected.discard(lease)
             if pool is None:
                 return  # lost or already released: the broker does not count it
             self._outbox.append(p.encode("release", lease=lease))
@@ -153,11 +155,13 @@ class LeaseClient:
         with self._lock:
             self._leases.pop(lease, None)
             self._lost.discard(lease)
+            self._connected.discard(lease)
 
     def connected(self, lease: int, backend_pid: int) -> None:
         """Tell the broker which backend serves ``lease`` (sent with the next batch;
         nobody waits for it)."""
         with self._lock:
+            self._connected.add(lease)
             self._outbox.append(p.encode("connected", lease=lease, backend_pid=backend_pid))
         self._wake()
 
@@ -219,11 +223,18 @@ class LeaseClient:
             pass  # the pipe is full: the I/O thread is awake anyway
 
     def _hello(self) -> bytes:
+        """Called with the lock held. Re-announces only leases with a live
+        connection: that is what a restarted broker must count. A lease granted
+        but not connected yet is forfeited (the broker may have expired it before
+        a restart that made it forget), and so are grants held across a stall:
+        their connects fail and their requests are asked again."""
         self._hello_gen += 1
-        leases = [[lease, pool] for lease, pool in self._leases.items()]
-        # held grants are listed too: the broker rejects those it expired with us
-        self._hello_listed = {lease for _, _, lease in self._held}
-        leases += [[lease, pool] for _, pool, lease in self._held]
+        leases = [[lease, pool] for lease, pool in self._leases.items()
+                  if lease in self._connected]
+        for lease in [lz for lz in self._leases if lz not in self._connected]:
+            del self._leases[lease]
+            self._lost.add(lease)
+        self._hello_listed = set()
         return p.encode("hello", pid=os.getpid(), host=socket.gethostname(),
                         name=_process_name(), leases=leases)
 

@@ -58,6 +58,11 @@ class BrokerHandle:
                 return status
             time.sleep(0.02)
 
+    def wait_leased(self, count: int, timeout: float, pool: str = "default") -> int:
+        """Poll until ``pool`` has ``count`` leases; the last count seen otherwise."""
+        return self.wait_for(lambda s: s["pools"][pool]["leased"] == count,
+                             timeout)["pools"][pool]["leased"]
+
     def log_text(self) -> str:
         with open(self.log, errors="replace") as fh:
             return fh.read()

@@ -69,8 +69,7 @@ def test_pool_timeout_after_callers_timeout_when_budget_full(pg, broker_factory)
         holder.result()
         with pool.connection(timeout=5) as conn:
             conn.cursor().execute("SELECT 1")
-    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 1)[
-        "pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 1) == 0
 
 
 def test_waiters_are_served_as_connections_come_back(pg, broker_factory):

@@ -97,8 +97,7 @@ def test_closed_connection_handed_back_is_discarded_and_released(pg, broker_fact
             assert not conn2.closed
             conn2.cursor().execute("SELECT 1")
         assert pool.get_stats()["returns_bad"] == 1
-    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)[
-        "pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
     assert count_backends(pg.dsn, tag) == 0
 
 

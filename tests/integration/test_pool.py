@@ -126,8 +126,7 @@ def test_closed_pool_refuses_and_wakes_waiters(pg, broker_factory):
     with pytest.raises(PoolClosed):
         pool.getconn()
     pool.putconn(held)  # handed back after close: closed and released
-    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)[
-        "pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
 
 
 def test_local_max_size_caps_this_process(pg, broker_factory):
@@ -156,8 +155,7 @@ def test_min_size_kept_warm_and_max_idle_gives_leases_back(pg, broker_factory):
         status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 2, 10)
         assert status["pools"]["default"]["leased"] == 2
         assert count_backends(pg.dsn, tag) == 2
-    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)[
-        "pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
 
 
 def test_get_stats_has_psycopg_pool_keys_and_lease_figures(pg, broker):

@@ -94,8 +94,7 @@ def test_psycopg2_pool_differential(pg, broker, table, cls_name):
     original = psycopg2_pool_scenario(psycopg2.pool, cls_name, pg.dsn, table)
     ours = psycopg2_pool_scenario(compat_p2, cls_name, pg.dsn, table, broker=broker.url)
     assert ours == original
-    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)[
-        "pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
 
 
 def test_psycopg2_pool_errors_are_caught_by_the_original_except_clause(pg, broker):
@@ -140,8 +139,7 @@ def test_psycopg2_pool_bad_dsn_still_fails_the_constructor(pg, broker):
         psycopg2.pool.ThreadedConnectionPool(1, 2, pg.dsn + " dbname=nope")
     with pytest.raises(psycopg2.OperationalError):
         compat_p2.ThreadedConnectionPool(1, 2, pg.dsn + " dbname=nope", broker=broker.url)
-    assert broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)[
-        "pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
 
 
 # ------------------------------------------------------------------ psycopg2-pool

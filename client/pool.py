@@ -704,7 +704,8 @@ class ConnectionPool:
                     keep -= 1
             for c, _ in expired:
                 self._idle.remove(c)
-            need = self.min_size - (len(self._all) - len(expired) + self._opening)
+            # outstanding lease requests become connections too: count them
+            need = self.min_size - (len(self._all) - len(expired) + self._opening + self._pending)
             warm = need > 0 and not self._warming and now >= self._warm_backoff
             if warm:
                 self._warming = True
@@ -779,6 +780,13 @@ class ConnectionPool:
         for conn in conns:
             self.putconn(conn)
         return len(conns)
+
+    def _keep_min_size(self, count: int) -> None:
+        """From now on keep ``count`` connections open in the background."""
+        with self._lock:
+            self.min_size = count
+            if count and not self._closed:
+                self._start_janitor_locked()
 
     def _take_idle(self) -> Any:
         """An idle connection, marked in use, or None (no waiting, no broker)."""

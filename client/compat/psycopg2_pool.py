@@ -71,15 +71,17 @@ class ConnectionPool:
         kwargs = dict(connect_kwargs)
         dsn = kwargs.pop("dsn")
         self._leased = _LeasedPool(
-            dsn, kwargs=kwargs, min_size=int(minconn),
+            dsn, kwargs=kwargs, min_size=0,
             max_size=None if math.isinf(maxconn) else max(1, int(maxconn)),
             max_idle=float(idle_timeout) if idle_timeout else math.inf,
             timeout=float(options.get("timeout", 30.0)),
             broker=options.get("broker"), pool=options.get("pool"),
             name=f"{type(self).__name__}-{id(self):x}")
         # like the original, open minconn now (a bad DSN raises here), unless the
-        # budget is full: then the background keeps minconn
+        # budget is full; only then does the background keep minconn (started
+        # earlier, it would open extra connections alongside these)
         self._leased._prefill(int(minconn))
+        self._leased._keep_min_size(int(minconn))
 
     @property
     def idle_connections(self) -> Deque[Any]:

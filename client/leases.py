@@ -99,7 +99,6 @@ class LeaseClient:
         self.confirmed.set()
         self._held: List[tuple] = []  # grants held back while suspect
         self._check_rid = 0  # the heartbeat whose answer confirms us
-        self._hello_listed: set = set()
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.started: Optional[float] = None
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}".encode()
@@ -234,7 +233,6 @@ class LeaseClient:
         for lease in [lz for lz in self._leases if lz not in self._connected]:
             del self._leases[lease]
             self._lost.add(lease)
-        self._hello_listed = set()
         return p.encode("hello", pid=os.getpid(), host=socket.gethostname(),
                         name=_process_name(), leases=leases)
 
@@ -343,8 +341,7 @@ class LeaseClient:
                 # the answer to a beat sent after the stall: it still knows us, so
                 # the grants it sent are good (unless it says otherwise)
                 unknown = set(msg["unknown"])
-                self._confirm({lz for _, _, lz in self._held if lz not in unknown},
-                              everything=False)
+                self._confirm({lz for _, _, lz in self._held if lz not in unknown})
 
     def suspect(self, stalled: float) -> None:
         """This process stalled (any thread may say so): confirm our leases with
@@ -365,16 +362,16 @@ class LeaseClient:
             self._outbox.append(frame)
         self._wake()
 
-    def _confirm(self, trusted: set, everything: bool) -> None:
+    def _confirm(self, trusted: set) -> None:
         """The broker answered while we were suspect: deliver the held grants it
-        vouches for (all of them if it still knew us), drop the others."""
+        vouches for, drop (and give back) the others."""
         with self._lock:
             if not self._suspect:
                 return
             held, self._held = self._held, []
             self._suspect = False
         for rid, pool, lease in held:
-            if everything or lease in trusted:
+            if lease in trusted:
                 self._deliver_grant(rid, pool, lease)
             else:
                 # unconfirmed: give it back (a lease the broker expired is ignored there)
@@ -447,8 +444,8 @@ class LeaseClient:
         self._wake()
         if msg["rejected"]:
             self._on_lost(msg["rejected"])
-        rejected = set(msg["rejected"])
-        self._confirm(self._hello_listed - rejected, everything=False)
+        # a re-hello forfeits grants held across a stall (see _hello): none is trusted
+        self._confirm(set())
 
     def _on_recall(self, pool: str, count: int) -> None:
         with self._lock:

@@ -100,6 +100,7 @@ class LeaseClient:
         self._held: List[tuple] = []  # grants held back while suspect
         self._check_rid = 0  # the heartbeat whose answer confirms us
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
+        self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}".encode()
 
@@ -320,11 +321,22 @@ class LeaseClient:
         return p.encode("heartbeat", idle=idle, leases=leases)
 
     def _on_frame(self, frame: bytes) -> None:
+        """Handle one message from the broker. Never raises: one bad frame must not
+        stop the I/O thread (nothing would heartbeat, callers would hang)."""
         try:
             msg = p.decode(frame, p.BROKER_OPS)
         except p.ProtocolError as exc:
+            self.bad_frames += 1
             log.warning("unreadable message from broker %s: %s", self.url, exc.message)
             return
+        try:
+            self._dispatch(msg)
+        except Exception:
+            self.bad_frames += 1
+            log.exception("error handling %s from broker %s; continuing", msg.get("op"),
+                          self.url)
+
+    def _dispatch(self, msg: Dict[str, Any]) -> None:
         self.last_reply = time.monotonic()
         op = msg["op"]
         if op == "grant":

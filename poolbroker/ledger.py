@@ -133,7 +133,7 @@ class Ledger:
         return self.ttl / 3.0
 
     def _error(self, cid: ClientId, rid: Optional[int], code: str, message: str) -> Out:
-        return (cid, "error", {"rid": rid, "code": code, "message": message})
+        return (cid, "error", p.error_fields(rid, code, message))
 
     def _known(
         self, cid: ClientId, rid: Optional[int], now: float
@@ -171,8 +171,8 @@ class Ledger:
         if client is None:
             client = Client(cid)
             self.clients[cid] = client
-            log.info("client %s joined (pid %s on %s%s)", _cid(cid), pid, host,
-                     f", {name}" if name else "")
+            log.info("client %s joined (pid %s on %s%s)", _cid(cid), pid, p.shown(host),
+                     f", {p.shown(name)}" if name else "")
         client.pid, client.host, client.name, client.last_seen = pid, host, name, now
         rejected: List[int] = []
         touched = set()
@@ -215,9 +215,9 @@ class Ledger:
         if client is None:
             return outs
         if pool not in self.pools:
-            known = ", ".join(sorted(self.pools))
             return [self._error(cid, rid, p.E_UNKNOWN_POOL,
-                                f"unknown pool {pool!r} (this broker has: {known})")]
+                                f"unknown pool {p.shown(pool)} (this broker has: "
+                                f"{p.known_names(self.pools)})")]
         if self.pools[pool].draining and rid not in client.granted:
             return [self._error(cid, rid, p.E_DRAINING,
                                 f"pool {pool!r} is draining for maintenance: no new leases "
@@ -324,7 +324,7 @@ class Ledger:
             if client.last_seen + self.ttl <= now:
                 if client.leases:
                     log.warning("client %s (pid %s on %s) silent for %.1fs: expiring %d lease(s)",
-                                _cid(client.id), client.pid, client.host,
+                                _cid(client.id), client.pid, p.shown(client.host),
                                 now - client.last_seen, len(client.leases))
                 outs += self._forget(client, now, expired=True)
         for name in touched:
@@ -607,4 +607,5 @@ class Ledger:
 
 
 def _cid(cid: ClientId) -> str:
-    return cid.decode("utf-8", "replace") if isinstance(cid, bytes) else str(cid)
+    """A client id for a log line, escaped (peers choose their ids)."""
+    return p.shown(cid.decode("utf-8", "replace") if isinstance(cid, bytes) else cid, 80)

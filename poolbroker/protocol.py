@@ -56,6 +56,10 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_NAME_CHARS = 200
 MAX_LIST_ITEMS = 4096
 MAX_TIMEOUT = 24 * 3600.0
+MAX_TEXT_CHARS = 4 * MAX_NAME_CHARS
+#: What ``poolbroker status`` accepts: a status lists every client, and a broker
+#: with a few hundred clients answers with more than MAX_MESSAGE_BYTES.
+MAX_STATUS_BYTES = 64 * MAX_MESSAGE_BYTES
 
 # Error codes the broker sends. Clients switch on these, never on the message text.
 E_BAD_MESSAGE = "bad_message"
@@ -77,6 +81,24 @@ class ProtocolError(ValueError):
         self.code = code
         self.message = message
         self.rid = rid
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """Render a value that came from a peer for a log line or an error text.
+
+    Strings and bytes are clipped and escaped to ASCII (no control characters or
+    terminal escapes reach a log); small integers, booleans and None are shown as
+    they are; anything else is named by its type only. Never ``repr()`` an untrusted
+    value: a list nested a thousand deep exhausts the stack.
+    """
+    if value is None or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value) if -(10**20) < value < 10**20 else "a huge int"
+    if isinstance(value, (str, bytes)):
+        text = ascii(value[:limit])
+        return text + "..." if len(value) > limit else text
+    return f"a {type(value).__name__}"
 
 
 def _int(v: Any) -> bool:
@@ -101,7 +123,7 @@ def _name(v: Any) -> bool:
 
 
 def _text(v: Any) -> bool:
-    return isinstance(v, str) and len(v) <= 4 * MAX_NAME_CHARS
+    return isinstance(v, str) and len(v) <= MAX_TEXT_CHARS
 
 
 def _uint_list(v: Any) -> bool:
@@ -163,6 +185,21 @@ BROKER_OPS: dict[str, dict[str, Any]] = {
 }
 
 
+def error_fields(rid: int | None, code: str, message: str) -> dict[str, Any]:
+    """The fields of an ``error`` reply, the message clipped so the peer can
+    always decode it (an unreadable error would leave its caller waiting)."""
+    if len(message) > MAX_TEXT_CHARS:
+        message = message[: MAX_TEXT_CHARS - 3] + "..."
+    return {"rid": rid, "code": code, "message": message}
+
+
+def known_names(names: Any, limit: int = 10) -> str:
+    """``a, b, c`` for an error text, at most ``limit`` names (and how many more)."""
+    names = sorted(names)
+    text = ", ".join(names[:limit])
+    return text + f" and {len(names) - limit} more" if len(names) > limit else text
+
+
 def encode(op: str, **fields: Any) -> bytes:
     """Pack one message. Fields are not validated here: we trust our own code,
     and the tests check that everything we send decodes on the other side."""
@@ -171,22 +208,39 @@ def encode(op: str, **fields: Any) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
-def decode(frame: bytes, ops: dict[str, dict[str, Any]] = CLIENT_OPS) -> dict[str, Any]:
+def decode(
+    frame: bytes, ops: dict[str, dict[str, Any]] = CLIENT_OPS, *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> dict[str, Any]:
     """Unpack and validate one frame against ``ops`` (the set of ops the receiver
-    accepts). Returns the message map; raises :class:`ProtocolError` otherwise."""
+    accepts). Returns the message map; raises :class:`ProtocolError` otherwise, and
+    nothing else, whatever the frame holds. ``max_bytes`` raises the size limit
+    for a reader that expects large answers (``poolbroker status``)."""
+    try:
+        return _decode(frame, ops, max_bytes)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # RecursionError, MemoryError from hostile nesting, ...
+        raise ProtocolError(E_BAD_MESSAGE, f"undecodable message ({type(exc).__name__})") \
+            from None
+
+
+def _decode(frame: bytes, ops: dict[str, dict[str, Any]], max_bytes: int) -> dict[str, Any]:
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError(E_BAD_MESSAGE, "frame is not bytes")
-    if len(frame) > MAX_MESSAGE_BYTES:
+    if len(frame) > max_bytes:
         raise ProtocolError(E_BAD_MESSAGE, f"frame of {len(frame)} bytes exceeds the limit")
+    # a larger frame may hold longer lists (a status with many clients)
+    max_items = MAX_LIST_ITEMS * max(1, max_bytes // MAX_MESSAGE_BYTES)
     try:
         msg = msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
-            max_str_len=MAX_MESSAGE_BYTES,
-            max_bin_len=MAX_MESSAGE_BYTES,
-            max_array_len=MAX_LIST_ITEMS,
-            max_map_len=MAX_LIST_ITEMS,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=max_items,
+            max_map_len=max_items,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises a zoo of types on garbage
@@ -198,13 +252,12 @@ def decode(frame: bytes, ops: dict[str, dict[str, Any]] = CLIENT_OPS) -> dict[st
     if msg.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
             E_BAD_VERSION,
-            f"protocol version {msg.get('v')!r} not supported (want {PROTOCOL_VERSION})",
+            f"protocol version {shown(msg.get('v'))} not supported (want {PROTOCOL_VERSION})",
             rid,
         )
     op = msg.get("op")
     if not isinstance(op, str) or op not in ops:
-        shown = op if isinstance(op, str) and len(op) <= 40 else type(op).__name__
-        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {shown!r}", rid)
+        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {shown(op, 40)}", rid)
     for field, valid in ops[op].items():
         if field not in msg or not valid(msg[field]):
             raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} missing or invalid", rid)

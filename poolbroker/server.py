@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import zmq
 
 from . import protocol as p
+from .clock import LoopClock
 from .config import ConfigError
 from .config import load as load_config
 from .fencing import Fencer, tag_prefix
@@ -121,6 +122,10 @@ class Broker:
         fence_dsn: Optional[str] = None,
     ) -> None:
         self.bind = bind
+        # The loop wakes at least this often; a longer gap is time the broker did
+        # not run, which the clock does not count (see poolbroker.clock).
+        self.tick_every = min(1.0, ttl / 4)
+        self.clock = LoopClock(self.tick_every + min(0.5, ttl / 4))
         # at least one TTL (every live client heartbeats within it), and 3 s
         self.grace = max(ttl, 3.0) if grace is None else grace
         self.state = StateFile(default_path(bind, state_dir))
@@ -144,6 +149,8 @@ class Broker:
         self._wake_w.setblocking(False)
         self.frames_in = 0
         self.bad_frames = 0
+        self.frame_errors = 0  # frames that hit a bug (logged): must stay 0
+        self.loop_errors = 0
         self._last_bad_log = 0.0
 
     def stop(self) -> None:
@@ -197,7 +204,7 @@ class Broker:
     def _start_grace(self) -> None:
         previous = self.state.read()
         if self.state.needs_grace(previous):
-            self.ledger.grace_until = time.monotonic() + self.grace
+            self.ledger.grace_until = self.clock.now() + self.grace
             self.ledger._in_grace = True
             why = ("the state file is unreadable" if not previous else
                    "the last run did not exit cleanly" if not previous.get("clean_exit") else
@@ -261,35 +268,60 @@ class Broker:
                 self.fencer.stop()
 
     def _loop(self, sock: zmq.Socket, poller: zmq.Poller) -> None:
+        settle = False
         while not self._stop:
-            now = time.monotonic()
+            now = self.clock.now()
             deadline = self.ledger.next_deadline()
-            # Wake at least every second: cheap, and keeps the loop honest.
-            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            # wake at least every tick_every: the clock counts longer gaps as lost
+            wait = self.tick_every if deadline is None else \
+                min(self.tick_every, max(0.0, deadline - now))
+            if settle:  # after a gap: let libzmq hand over what queued meanwhile
+                wait = min(wait, 0.05)
             events = dict(poller.poll(int(wait * 1000) + 1))
-            if self._wake_r.fileno() in events:
+            try:
+                settle = self._step(sock, events)
+            except Exception:  # a bug in a timer or the fencer hand-off: log, go on
+                settle = False
+                self.loop_errors += 1
+                if self.loop_errors <= 10 or self.loop_errors % 1000 == 0:
+                    log.exception("error in the broker loop (%d so far); continuing",
+                                  self.loop_errors)
+
+    def _step(self, sock: zmq.Socket, events: Dict[Any, int]) -> bool:
+        """One turn of the loop. True if the broker did not run for a while: then
+        nothing expires in this turn, so that the heartbeats queued meanwhile are
+        read first."""
+        if self._wake_r.fileno() in events:
+            try:
+                self._wake_r.recv(4096)
+            except OSError:
+                pass
+        while self.fencer is not None and not self.fencer.done.empty():
+            kind, leases = self.fencer.done.get()
+            now = self.clock.now()
+            outs = self.ledger.fenced(leases, now) if kind == "fenced" else \
+                self.ledger.swept(now)
+            self._send(sock, outs)
+        if self._reload:
+            self._reload = False
+            self._send(sock, self.reload_config(self.clock.now()))
+        if sock in events:
+            for _ in range(_BATCH):
                 try:
-                    self._wake_r.recv(4096)
-                except OSError:
-                    pass
-            while self.fencer is not None and not self.fencer.done.empty():
-                kind, leases = self.fencer.done.get()
-                now = time.monotonic()
-                outs = self.ledger.fenced(leases, now) if kind == "fenced" else \
-                    self.ledger.swept(now)
-                self._send(sock, outs)
-            if self._reload:
-                self._reload = False
-                self._send(sock, self.reload_config(time.monotonic()))
-            if sock in events:
-                for _ in range(_BATCH):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                    except zmq.Again:
-                        break
-                    self._send(sock, self._handle(frames, time.monotonic()))
-            self._send(sock, self.ledger.tick(time.monotonic()))
-            self._record_state()
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                self._send(sock, self._handle(frames, self.clock.now()))
+        gap = self.clock.take_gap()
+        if gap:
+            log.warning("the broker did not run for %.1fs (frozen, a paused VM, swapping?): "
+                        "that time is not counted against clients, so their leases are "
+                        "extended by it; reading queued heartbeats before expiring anyone",
+                        gap)
+            return True
+        self._send(sock, self.ledger.tick(self.clock.now()))
+        self._record_state()
+        return False
 
     def _send(self, sock: zmq.Socket, outs: List[Out]) -> None:
         for cid, op, fields in outs:
@@ -304,33 +336,43 @@ class Broker:
             try:
                 sock.send_multipart([cid, p.encode(op, **fields)], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # peer gone or its queue full: the TTL cleans up
-                log.debug("could not send %s to %r: %s", op, cid, exc)
+                log.debug("could not send %s to %s: %s", op, p.shown(cid, 40), exc)
 
     def _bad(self, cid: bytes, err: p.ProtocolError) -> List[Out]:
         self.bad_frames += 1
         now = time.monotonic()
         if now - self._last_bad_log > 5.0:  # junk must not flood the log either
             self._last_bad_log = now
-            log.warning("bad frame from %r: %s (%d bad so far)", cid[:40], err.message,
+            log.warning("bad frame from %s: %s (%d bad so far)", p.shown(cid, 40), err.message,
                         self.bad_frames)
-        return [(cid, "error", {"rid": err.rid, "code": err.code, "message": err.message})]
+        return [(cid, "error", p.error_fields(err.rid, err.code, err.message))]
 
     def _handle(self, frames: List[bytes], now: float) -> List[Out]:
+        """One frame in, the replies out. Never raises: one bad frame (or a bug it
+        finds) must not stop the broker, or resending it would keep the whole fleet
+        in the grace period."""
         self.frames_in += 1
-        cid = frames[0]
-        if len(frames) != 2:
-            return self._bad(cid, p.ProtocolError(
-                p.E_BAD_MESSAGE, f"expected one frame per message, got {len(frames) - 1}"))
+        cid = frames[0] if frames else b""
         try:
-            msg = p.decode(frames[1])
-        except p.ProtocolError as err:
-            return self._bad(cid, err)
-        try:
-            return self._dispatch(cid, msg, now)
-        except Exception:  # a bug must not take the budget down with it
-            log.exception("error handling %s from %r", msg.get("op"), cid)
-            return [(cid, "error", {"rid": msg.get("rid"), "code": "internal",
-                                    "message": "internal broker error, see broker log"})]
+            if len(frames) != 2:
+                return self._bad(cid, p.ProtocolError(
+                    p.E_BAD_MESSAGE,
+                    f"expected one frame per message, got {max(0, len(frames) - 1)}"))
+            try:
+                msg = p.decode(frames[1])
+            except p.ProtocolError as err:
+                return self._bad(cid, err)
+            try:
+                return self._dispatch(cid, msg, now)
+            except Exception:  # a bug must not take the budget down with it
+                log.exception("error handling %s from %s", msg.get("op"), p.shown(cid, 40))
+                return [(cid, "error", p.error_fields(
+                    msg.get("rid"), "internal", "internal broker error, see broker log"))]
+        except Exception:
+            self.frame_errors += 1
+            log.exception("frame from %s dropped (%d so far)", p.shown(cid, 40),
+                          self.frame_errors)
+            return []
 
     def _dispatch(self, cid: bytes, msg: Dict[str, Any], now: float) -> List[Out]:
         op = msg["op"]
@@ -365,15 +407,16 @@ class Broker:
     def _admin(self, cid: bytes, msg: Dict[str, Any], now: float) -> List[Out]:
         op, name, rid = msg["op"], msg["pool"], msg["rid"]
         if name not in self.ledger.pools:
-            known = ", ".join(sorted(self.ledger.pools))
-            message = f"unknown pool {name!r} (this broker has: {known})"
-            return [(cid, "error", {"rid": rid, "code": p.E_UNKNOWN_POOL, "message": message})]
+            known = p.known_names(self.ledger.pools)
+            message = f"unknown pool {p.shown(name)} (this broker has: {known})"
+            return [(cid, "error", p.error_fields(rid, p.E_UNKNOWN_POOL, message))]
         pool = self.ledger.pools[name]
         if op == "resize":
             before = pool.max
             outs = self.ledger.resize(name, msg["max"], now)  # until the next SIGHUP reload
-            text = f"pool {name!r}: max {before} -> {pool.max} ({len(pool.leases)} leased)"
+            text = f"pool {p.shown(name)}: max {before} -> {pool.max} ({len(pool.leases)} leased)"
         else:
             outs = getattr(self.ledger, op)(name, now)
-            text = f"pool {name!r}: {op} ({len(pool.leases)} leased, {len(pool.queue)} waiting)"
+            text = (f"pool {p.shown(name)}: {op} ({len(pool.leases)} leased, "
+                    f"{len(pool.queue)} waiting)")
         return outs + [(cid, "done", {"rid": rid, "message": text})]

@@ -1,13 +1,46 @@
 """Fuzz the broker's frame handling (the loop minus the socket): whatever arrives,
 it never raises, the ledger stays consistent, the budget holds, and nothing is
-granted to a peer that never said hello."""
+granted to a peer that never said hello. Also the lease client's frame handler."""
 
 import msgpack
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from poolbroker import protocol as p
 from poolbroker.server import Broker
+from poolbroker_client.leases import LeaseClient
+
+
+def nested(depth: int, kind: str = "array") -> bytes:
+    """A msgpack value nested ``depth`` deep: within msgpack's own limits, deep
+    enough to exhaust the stack of anything that formats it with repr()."""
+    head = {"array": b"\x91", "map": b"\x81\xa1k"}[kind]
+    return head * depth + b"\xc0"
+
+
+def message_with(field: str, raw_value: bytes, op: str = "hello") -> bytes:
+    """A map {"v": 1, "op": op, field: <raw msgpack value>} (field may be v or op)."""
+    items = {"v": msgpack.packb(1), "op": msgpack.packb(op)}
+    items[field] = raw_value
+    body = b"".join(msgpack.packb(k) + v for k, v in items.items())
+    return bytes([0x80 | len(items)]) + body
+
+
+# Frames written by hand to be hostile: deep nesting in every position, values of
+# every wrong type, huge numbers, ext types, non-string keys, truncations.
+ADVERSARIAL = [
+    nested(1000), nested(3000), nested(1000, "map"),
+    *[message_with(f, nested(1000)) for f in ("v", "op", "rid", "leases", "pid", "host")],
+    *[message_with(f, nested(1000, "map")) for f in ("v", "op", "idle")],
+    message_with("rid", nested(1000), "acquire"), message_with("idle", nested(900), "heartbeat"),
+    message_with("v", msgpack.packb(2**64 - 1)), message_with("v", msgpack.packb(-(2**63))),
+    message_with("v", msgpack.packb(float("nan"))), message_with("v", b"\xd4\x01\x00"),
+    message_with("leases", msgpack.packb([[2**63 - 1, "default"]] * 3)),
+    message_with("leases", msgpack.packb([[1, nested(5)]])),
+    msgpack.packb({1: 2, "v": 1, "op": "bye"}), msgpack.packb({b"v": 1, b"op": b"bye"}),
+    b"\xdf\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",
+    msgpack.packb({"v": 1, "op": "hello"})[:-1], msgpack.packb({"v": "\x1b[2J" * 50, "op": 1}),
+]
 
 PEERS = [b"peer-a", b"peer-b", b"junk"]
 values = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
@@ -53,8 +86,17 @@ def frames(draw):
     return [msgpack.packb(fields, use_bin_type=True)]
 
 
+@st.composite
+def frames_with_hostile(draw):
+    if draw(st.integers(0, 9)) == 0:
+        return [draw(st.sampled_from(ADVERSARIAL))]
+    return draw(frames())
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(PEERS), frames(), st.floats(0, 3)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from(PEERS), frames_with_hostile(), st.floats(0, 3)),
+                max_size=60))
+@example([(b"peer-a", [frame], 0.0) for frame in ADVERSARIAL])
 def test_any_frames_keep_the_broker_consistent(events):
     broker = Broker("ipc:///tmp/never-bound.sock", {"default": 2, "other": 1}, ttl=4.0)
     greeted = set()
@@ -79,3 +121,23 @@ def test_any_frames_keep_the_broker_consistent(events):
             # re-announced leases may exceed max; nothing is granted past it
             if any(op == "grant" and f["pool"] == pool.name for _, op, f in outs):
                 assert len(pool.leases) <= pool.max
+
+
+def test_deeply_nested_frames_get_an_error_reply_not_an_exception():
+    broker = Broker("ipc:///tmp/never-bound.sock", {"default": 2}, ttl=4.0)
+    for frame in ADVERSARIAL:
+        outs = broker._handle([b"peer", frame], 0.0)
+        assert [op for _, op, _ in outs] == ["error"]
+        assert outs[0][2]["code"] in (p.E_BAD_MESSAGE, p.E_BAD_VERSION, p.E_UNKNOWN_OP)
+    assert broker.frame_errors == 0
+
+
+def test_the_lease_client_survives_hostile_frames_from_its_broker():
+    client = LeaseClient("ipc:///tmp/never-bound.sock")  # no thread: frames fed by hand
+    replies = [*ADVERSARIAL, *(message_with(f, nested(1000), "grant")
+                               for f in ("rid", "pool", "lease")),
+               message_with("message", nested(1000), "error"),
+               msgpack.packb({"v": 1, "op": "hb", "epoch": "e", "unknown": [2**63 - 1]})]
+    for frame in replies:
+        client._on_frame(frame)  # must not raise
+    assert client.bad_frames >= len(ADVERSARIAL)

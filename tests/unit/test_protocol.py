@@ -97,3 +97,29 @@ def test_valid_msgpack_of_wrong_shapes_is_rejected_or_valid(op, fields):
         return
     for field, valid in p.CLIENT_OPS[op].items():  # whatever passes really is well-formed
         assert valid(msg[field])
+
+
+@pytest.mark.parametrize("depth", [100, 1000, 5000])
+def test_deep_nesting_is_a_protocol_error_and_nothing_else(depth):
+    deep = b"\x91" * depth + b"\xc0"
+    frame = b"\x82" + msgpack.packb("v") + deep + msgpack.packb("op") + msgpack.packb("bye")
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode(frame)
+    assert len(info.value.message) < 200
+
+
+def test_shown_never_formats_untrusted_values():
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    assert p.shown(deep) == "a list"
+    assert p.shown("\x1b[2Jhi\n" * 40, 20).endswith("...")
+    assert "\x1b" not in p.shown("\x1b[2J") and "\\x1b" in p.shown("\x1b[2J")
+    assert p.shown(2**70) == "a huge int" and p.shown(7) == "7" and p.shown(None) == "None"
+
+
+def test_error_messages_are_clipped_so_the_peer_can_decode_them():
+    fields = p.error_fields(3, p.E_UNKNOWN_POOL, "unknown pool " + "x" * 5000)
+    msg = p.decode(p.encode("error", **fields), p.BROKER_OPS)
+    assert msg["message"].startswith("unknown pool x") and msg["message"].endswith("...")
+    assert p.known_names([f"p{i}" for i in range(30)], 3) == "p0, p1, p10 and 27 more"

@@ -46,7 +46,9 @@ def per_op(fn: Callable[[], None], n: int, rounds: int) -> float:
 
 def start_broker(url: str, budget: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "poolbroker", "serve", "--bind", url,
-                             "--pool", f"default={budget}", "--log-level", "WARNING"])
+                             "--pool", f"default={budget}", "--log-level", "WARNING",
+                             # a throwaway address: no earlier run left leases behind
+                             "--grace", "0"])
     deadline = time.monotonic() + 20
     while True:
         try:

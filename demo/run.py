@@ -57,7 +57,9 @@ def main() -> int:
         try:
             broker = subprocess.Popen(
                 [sys.executable, "-m", "poolbroker", "serve", "--bind", url,
-                 "--pool", f"default={args.budget}"], env=env)
+                 "--pool", f"default={args.budget}",
+                 "--grace", "0"],  # a throwaway address: no earlier run left leases
+                env=env)
             procs.append(broker)
             port = free_port()
             web = subprocess.Popen(

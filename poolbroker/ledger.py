@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import protocol as p
+from .leaseids import LeaseIds
 
 log = logging.getLogger("poolbroker")
 
@@ -94,7 +95,8 @@ class Ledger:
         ttl: float = 4.0,
         epoch: str = "0",
         max_waiting_per_client: int = 1000,
-        first_lease_id: int = 1,
+        lease_ids: Optional[LeaseIds] = None,
+        ids_verifiable: bool = True,
         grace_until: float = 0.0,
         fence: bool = False,
         fence_tag: str = "",
@@ -109,7 +111,11 @@ class Ledger:
         self.ttl = ttl
         self.epoch = epoch
         self.max_waiting_per_client = max_waiting_per_client
-        self._next_lease = first_lease_id
+        # Ids clients cannot forge; ``ids_verifiable`` is False when the key of
+        # the previous run is lost (no state file): re-announced ids then cannot be
+        # checked, and only the bounds in hello() apply.
+        self.ids = lease_ids or LeaseIds()
+        self.ids_verifiable = ids_verifiable
         # After a restart that may have left leases outstanding, nothing is granted
         # until this time, so that clients can re-announce what they hold first.
         self.grace_until = grace_until
@@ -149,6 +155,16 @@ class Ledger:
     def leased(self, pool: str) -> int:
         return len(self.pools[pool].leases)
 
+    @property
+    def in_grace(self) -> bool:
+        """True until the grace period after a restart is over."""
+        return self._in_grace
+
+    def start_grace(self, until: float) -> None:
+        """Grant nothing before ``until`` (and, with fencing, the sweep after it)."""
+        self.grace_until = until
+        self._in_grace = True
+
     # ------------------------------------------------------------------ ops
 
     def hello(
@@ -162,11 +178,15 @@ class Ledger:
         now: float,
     ) -> List[Out]:
         """A client (re)introduces itself, listing the leases it holds (after a
-        broker restart, or after it was expired while frozen). Those connections
-        are real, so counting them is the truth: unknown leases are taken back even
-        if that puts the pool over its max, and the excess is recalled (no grant
-        until the pool is below max again). Only leases of an unknown pool, or ids
-        another client holds, are rejected; the client must close those."""
+        broker restart, or after it was expired while frozen).
+
+        A listed lease is taken back only if it can be real: during the grace
+        period after a restart (afterwards its slot may have gone to someone else),
+        for a known pool, with an id this broker's key issued for that pool (unless
+        the key was lost with the state file), not held by another client nor
+        expired here, and no more than the pool's max in total. Everything else is
+        rejected; the client must close those connections (which only ever lowers
+        the count on the server)."""
         client = self.clients.get(cid)
         if client is None:
             client = Client(cid)
@@ -175,28 +195,24 @@ class Ledger:
                      f", {p.shown(name)}" if name else "")
         client.pid, client.host, client.name, client.last_seen = pid, host, name, now
         rejected: List[int] = []
+        why: Dict[str, int] = {}
         touched = set()
         for lease_id, pool_name in leases:
             if lease_id in client.leases:
                 continue
-            pool = self.pools.get(pool_name)
-            taken = any(lease_id in pl.leases for pl in self.pools.values())
-            if pool is None or taken or lease_id in self.fencing or lease_id in self.expired:
+            reason = self._unadoptable(lease_id, pool_name)
+            if reason:
                 rejected.append(lease_id)
+                why[reason] = why.get(reason, 0) + 1
                 continue
             lease = Lease(lease_id, pool_name, cid, now)
-            pool.leases[lease_id] = lease
+            self.pools[pool_name].leases[lease_id] = lease
             client.leases[lease_id] = lease
-            self._next_lease = max(self._next_lease, lease_id + 1)
             touched.add(pool_name)
         if rejected:
-            log.warning("client %s re-announced %d lease(s) of unknown pools or held by "
-                        "others; rejected", _cid(cid), len(rejected))
-        for pool_name in touched:
-            pool = self.pools[pool_name]
-            if len(pool.leases) > pool.max:
-                log.warning("pool %r: %d leases re-announced against max %d; recalling the "
-                            "excess", pool_name, len(pool.leases), pool.max)
+            log.warning("client %s (pid %s) re-announced %d lease(s) that cannot be taken "
+                        "back (%s); it must close their connections", _cid(cid), pid,
+                        len(rejected), ", ".join(f"{n} {r}" for r, n in sorted(why.items())))
         outs: List[Out] = [
             (cid, "welcome", {"epoch": self.epoch, "ttl": self.ttl,
                               "heartbeat": self.heartbeat_interval, "rejected": rejected,
@@ -205,6 +221,23 @@ class Ledger:
         for pool_name in touched:
             outs += self._rebalance(pool_name, now)
         return outs
+
+    def _unadoptable(self, lease_id: int, pool_name: str) -> str:
+        """Why a re-announced lease cannot be taken back ("" if it can)."""
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            return "of an unknown pool"
+        if not self._in_grace:
+            return "announced outside a grace period"
+        if any(lease_id in pl.leases for pl in self.pools.values()):
+            return "held by another client"
+        if lease_id in self.fencing or lease_id in self.expired:
+            return "expired here"
+        if self.ids_verifiable and not self.ids.valid(lease_id, pool_name):
+            return "never issued for that pool"
+        if len(pool.leases) >= pool.max:
+            return "beyond the pool's max"
+        return ""
 
     def acquire(
         self, cid: ClientId, *, rid: int, pool: str, timeout: float, now: float
@@ -474,8 +507,8 @@ class Ledger:
             del pool.queue[(waiter.client, waiter.rid)]
             client = self.clients[waiter.client]
             del client.waiting[waiter.rid]
-            lease = Lease(self._next_lease, pool.name, client.id, now, rid=waiter.rid)
-            self._next_lease += 1
+            lease = Lease(self.ids.issue(pool.name, self._id_in_use), pool.name, client.id,
+                          now, rid=waiter.rid)
             pool.leases[lease.id] = lease
             client.leases[lease.id] = lease
             client.granted[waiter.rid] = lease.id
@@ -488,6 +521,10 @@ class Ledger:
                 client.recall[pool.name] = target
                 outs.append((client.id, "recall", {"pool": pool.name, "count": target}))
         return outs
+
+    def _id_in_use(self, lease_id: int) -> bool:
+        return (lease_id in self.expired or lease_id in self.fencing
+                or any(lease_id in pl.leases for pl in self.pools.values()))
 
     def _pick(self, pool: Pool) -> Waiter:
         """Fair share: the oldest waiter whose client is below its share, else FIFO."""

@@ -26,6 +26,7 @@ from .clock import LoopClock
 from .config import ConfigError
 from .config import load as load_config
 from .fencing import Fencer, tag_prefix
+from .leaseids import LeaseIds
 from .ledger import Ledger, Out
 from .state import StateFile, default_path
 
@@ -130,13 +131,10 @@ class Broker:
         self.grace = max(ttl, 3.0) if grace is None else grace
         self.state = StateFile(default_path(bind, state_dir))
         self.epoch = uuid.uuid4().hex[:12]
-        # Lease ids start at a per-run random offset so that ids from a previous
-        # run that clients re-announce never collide with fresh ones.
-        first = (int.from_bytes(os.urandom(4), "big") << 16) + 1
         # stable across restarts of this broker, so a restarted one finds its tags
         self.broker_id = hashlib.sha1(f"{socket.gethostname()}|{bind}".encode()).hexdigest()[:6]
         self.ledger = Ledger(pools, ttl=ttl, epoch=self.epoch,
-                             max_waiting_per_client=max_waiting_per_client, first_lease_id=first,
+                             max_waiting_per_client=max_waiting_per_client,
                              fence=fence_dsn is not None, fence_tag=tag_prefix(self.broker_id))
         self.fence_dsn = fence_dsn
         self.fencer: Optional[Fencer] = None
@@ -202,22 +200,29 @@ class Broker:
         return outs
 
     def _start_grace(self) -> None:
+        """Read the previous run's record: its lease id key, and whether leases may
+        be outstanding (then grant nothing for the grace period)."""
         previous = self.state.read()
-        if self.state.needs_grace(previous):
-            self.ledger.grace_until = self.clock.now() + self.grace
-            self.ledger._in_grace = True
-            why = ("the state file is unreadable" if not previous else
-                   "the last run did not exit cleanly" if not previous.get("clean_exit") else
-                   "the last run exited with leases outstanding")
+        key = StateFile.lease_key(previous)
+        self.ledger.ids = LeaseIds(key)
+        self.ledger.ids_verifiable = key is not None
+        if StateFile.needs_grace(previous):
+            self.ledger.start_grace(self.clock.now() + self.grace)
             log.warning("leases may be outstanding (%s): granting nothing for %.1fs while "
-                        "clients re-announce what they hold", why, self.grace)
+                        "clients re-announce what they hold%s", StateFile.why_grace(previous),
+                        self.grace, "" if key else "; without the previous run's key their "
+                        "ids cannot be checked, so at most each pool's max is taken back")
         # from now until a clean exit, a crash must be assumed to leave leases behind
-        self.state.write(outstanding=self.ledger._in_grace, clean_exit=False, epoch=self.epoch)
+        self._write_state(outstanding=self.ledger.in_grace, clean_exit=False)
+
+    def _write_state(self, *, outstanding: bool, clean_exit: bool) -> None:
+        self.state.write(outstanding=outstanding, clean_exit=clean_exit, epoch=self.epoch,
+                         key=self.ledger.ids.key)
 
     def _record_state(self) -> None:
-        outstanding = self.ledger._in_grace or any(pl.leases for pl in self.ledger.pools.values())
+        outstanding = self.ledger.in_grace or any(pl.leases for pl in self.ledger.pools.values())
         if outstanding != self.state.outstanding:
-            self.state.write(outstanding=outstanding, clean_exit=False, epoch=self.epoch)
+            self._write_state(outstanding=outstanding, clean_exit=False)
 
     def run(self, on_ready: Optional[Callable[[], None]] = None, *, signals: bool = True) -> None:
         guard = AddressGuard(self.bind)
@@ -255,8 +260,8 @@ class Broker:
         finally:
             leased = sum(len(pl.leases) for pl in self.ledger.pools.values())
             try:
-                self.state.write(outstanding=leased > 0 or self.ledger._in_grace,
-                                 clean_exit=True, epoch=self.epoch)
+                self._write_state(outstanding=leased > 0 or self.ledger.in_grace,
+                                  clean_exit=True)
             except OSError as exc:
                 log.error("could not record the state file %s: %s", self.state.path, exc)
             log.info("poolbroker stopped (%d lease(s) outstanding, %d frames, %d bad)",

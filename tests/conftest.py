@@ -91,9 +91,18 @@ def broker_factory(xprocess):
     started: List[BrokerHandle] = []
 
     def start(pools: Optional[Dict[str, int]] = None, ttl: Optional[float] = None,
-              url: Optional[str] = None, extra: tuple = ()) -> BrokerHandle:
-        url = url or short_ipc()
+              url: Optional[str] = None, extra: tuple = (),
+              grace: Optional[float] = None) -> BrokerHandle:
+        """A broker on ``url`` (default: a new address). Without a state file a
+        start holds a grace period; on a new address nothing can be outstanding,
+        so it gets ``--grace 0`` unless ``grace`` says otherwise. Tests of restarts
+        pass the same ``url`` again and get the real default."""
+        if url is None:
+            url = short_ipc()
+            grace = 0.0 if grace is None else grace
         argv = [sys.executable, "-m", "poolbroker", "serve", "--bind", url, *extra]
+        if grace is not None:
+            argv += ["--grace", str(grace)]
         for name, size in (pools if pools is not None else {"default": 6}).items():
             argv += ["--pool", f"{name}={size}"]
         if ttl is not None:

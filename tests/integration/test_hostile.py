@@ -11,7 +11,7 @@ import zmq
 from poolbroker import protocol as p
 from poolbroker_client import ConnectionPool
 
-from conftest import Worker, count_backends, new_tag, tagged
+from conftest import Worker, count_backends, new_tag, short_ipc, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +73,61 @@ def test_a_frozen_broker_expires_nobody_when_it_wakes(pg, broker_factory):
     text = broker.log_text()
     assert "did not run for" in text
     assert "silent for" not in text and "fenced" not in text  # nobody expired
+
+
+def _forged_hello(url: str, ids: list) -> dict:
+    forger = _dealer(url, b"forger")
+    forger.send(p.encode("hello", pid=1, host="x", name="forger",
+                         leases=[[i, "default"] for i in ids]))
+    [welcome] = _replies(forger, 1)
+    forger.close()
+    return welcome
+
+
+def test_forged_lease_ids_are_never_adopted_and_honest_clients_are_served(pg, broker_factory):
+    """Item 2: any peer could list ids it was never granted (adopted even above max,
+    so grants stopped for everyone), or 2**63-1 (which moved the id counter past
+    what clients accept)."""
+    broker = broker_factory({"default": 2})
+    forged = [2**63 - 1] + list(range(1, 3000))
+    welcome = _forged_hello(broker.url, forged)
+    assert welcome["op"] == "welcome" and len(welcome["rejected"]) == len(forged)
+    with ConnectionPool(pg.dsn, broker=broker.url, timeout=3) as pool:
+        conns = [pool.getconn(), pool.getconn()]  # the whole budget, for an honest client
+        for conn in conns:
+            pool.putconn(conn)
+    assert "announced outside a grace period" in broker.log_text()
+
+
+def test_during_a_grace_period_only_ids_this_broker_issued_are_taken_back(pg, broker_factory):
+    """After a restart, re-announced leases are adopted only if the broker's key
+    issued them (kept in its state file) and no more than the pool holds."""
+    url = short_ipc()
+    first = broker_factory({"default": 2}, url=url, grace=0)
+    tag = new_tag()
+    holder = Worker(dict(mode="hold", n=1, dsn=tagged(pg.dsn, tag), broker=url))
+    holder.wait_line("HOLDING")
+    first.stop()  # a clean exit, but with a lease outstanding: the next start holds grace
+    second = broker_factory({"default": 2}, url=url, grace=3.0)
+    assert second.status()["grace_s"] > 0
+    welcome = _forged_hello(url, list(range(1, 3000)))
+    assert len(welcome["rejected"]) == 2999, "a forged id was adopted"
+    assert second.wait_leased(1, 5) == 1  # the holder's real lease was taken back
+    with ConnectionPool(tagged(pg.dsn, tag), broker=url, timeout=10) as pool:
+        with pool.connection() as conn:  # served once the grace is over: 2 of 2
+            conn.cursor().execute("SELECT 1")
+    holder.finish()
+    assert holder.result()["use_after"] == ["ok"]
+
+
+def test_a_start_without_a_state_file_holds_the_grace_period(pg, broker_factory, tmp_path):
+    """Item 7: a missing state file (a tmp cleaner, a new container, a changed
+    --state-dir) used to mean a start that grants at once."""
+    os.chmod(tmp_path, 0o755)
+    broker = broker_factory({"default": 2}, url=short_ipc(), grace=None,
+                            extra=("--state-dir", str(tmp_path / "new")))
+    status = broker.status()
+    assert status["grace_s"] > 0
+    assert "no state file to prove" in broker.log_text()
+    state = tmp_path / "new" / os.listdir(tmp_path / "new")[0]
+    assert oct(state.stat().st_mode & 0o777) == "0o600"  # it holds the lease id key

@@ -1,9 +1,14 @@
 """The ledger's rules, one by one, with time passed in."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poolbroker import protocol as p
+from poolbroker.leaseids import LeaseIds
 from poolbroker.ledger import Ledger
+
+KEY = b"k" * 32  # the key a previous run of the broker left in its state file
 
 A, B, C = b"a", b"b", b"c"
 
@@ -17,6 +22,17 @@ def make(pools=None, ttl=4.0):
 
 def ops(outs, op):
     return [(cid, f) for cid, o, f in outs if o == op]
+
+
+def issued(pool="default", n=1, key=KEY):
+    """Ids a previous run of the broker (same key) granted in ``pool``."""
+    ids = LeaseIds(key, first_seq=1000)
+    return [ids.issue(pool) for _ in range(n)]
+
+
+def restarted(pools, ttl=4.0, grace_until=4.0, **kw):
+    """A ledger just after a restart: the previous run's key, in its grace period."""
+    return Ledger(pools, ttl=ttl, grace_until=grace_until, lease_ids=LeaseIds(KEY), **kw)
 
 
 def grant(ledger, cid, rid, now=0.0, pool="default", timeout=10.0):
@@ -169,35 +185,77 @@ def test_no_recall_churn_when_all_waiters_are_at_or_above_share():
     assert ops(outs, "recall") == []
 
 
-def test_reannounced_leases_are_counted_even_over_max_and_the_excess_recalled():
-    ledger = Ledger({"default": 1}, ttl=4.0)
-    outs = ledger.hello(A, pid=1, host="h", leases=[(100, "default"), (101, "default"),
-                                                   (102, "nope")], now=0)
+def test_reannounced_leases_are_taken_back_only_up_to_max_and_only_if_issued():
+    ledger = restarted({"default": 2, "other": 1}, ttl=10.0)
+    real = issued(n=3)
+    forged = [real[0] ^ 1, 2**63 - 1, 7]
+    outs = ledger.hello(A, pid=1, host="h", leases=[(real[0], "default"), (real[1], "other"),
+                                                   *[(f, "default") for f in forged],
+                                                   (real[2], "nope")], now=0)
     welcome = ops(outs, "welcome")[0][1]
-    assert welcome["rejected"] == [102]  # only the unknown pool's
-    assert sorted(ledger.clients[A].leases) == [100, 101]
-    assert ops(outs, "recall") == [(A, {"pool": "default", "count": 1})]
+    # another pool's id, forged ids and an unknown pool are refused
+    assert sorted(welcome["rejected"]) == sorted([real[1], *forged, real[2]])
+    assert list(ledger.clients[A].leases) == [real[0]]
+    # never more than the pool could hold, whoever announces them
+    more = issued(n=4)[1:]
+    outs = ledger.hello(B, pid=2, host="h", leases=[(i, "default") for i in more], now=0)
+    assert len(ops(outs, "welcome")[0][1]["rejected"]) == 2
+    assert ledger.leased("default") == 2
+    # the id counter is never moved by what a peer says
+    ledger.hello(C, pid=3, host="h", now=0)
+    ledger.tick(4.0)
+    ledger.release(A, lease=real[0], now=4.1)
+    lease = grant(ledger, C, 1, now=4.2)
+    assert lease is not None and lease < 2**63 and ledger.ids.valid(lease, "default")
+
+
+def test_outside_the_grace_period_unknown_leases_are_never_adopted():
+    ledger = Ledger({"default": 2}, ttl=4.0, lease_ids=LeaseIds(KEY))
+    outs = ledger.hello(A, pid=1, host="h", leases=[(i, "default") for i in issued(n=2)],
+                        now=0)
+    assert len(ops(outs, "welcome")[0][1]["rejected"]) == 2 and ledger.leased("default") == 0
     ledger.hello(B, pid=2, host="h", now=0)
-    assert grant(ledger, B, 1, now=0) is None  # over max: nothing is granted
-    ledger.release(A, lease=100, now=1)
-    assert ledger.clients[B].held("default") == 0  # 1 of max 1 still leased
-    outs = ledger.release(A, lease=101, now=1)
-    [(cid, g)] = ops(outs, "grant")
-    assert cid == B and g["lease"] > 101  # new ids never collide with re-announced ones
+    assert grant(ledger, B, 1) is not None  # honest clients still served
+
+
+def test_without_the_previous_key_ids_cannot_be_checked_but_stay_bounded():
+    ledger = restarted({"default": 2}, ids_verifiable=False)
+    ledger.ids = LeaseIds()  # the state file was lost: a new key
+    outs = ledger.hello(A, pid=1, host="h", leases=[(i, "default") for i in issued(n=3)],
+                        now=0)
+    assert len(ops(outs, "welcome")[0][1]["rejected"]) == 1 and ledger.leased("default") == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([A, B, C]),
+                          st.lists(st.one_of(st.integers(0, 2**63 - 1),
+                                             st.sampled_from(issued(n=6) + issued("x", 2))),
+                                   max_size=8),
+                          st.sampled_from(["default", "x", "nope"])), max_size=6))
+def test_reannouncing_never_adopts_a_forged_id_nor_more_than_max(hellos):
+    ledger = restarted({"default": 3, "x": 1})
+    issuer = LeaseIds(KEY)
+    for cid, ids, pool in hellos:
+        ledger.hello(cid, pid=1, host="h", leases=[(i, pool) for i in ids], now=0)
+        ledger.check()
+    for name, pool in ledger.pools.items():
+        assert len(pool.leases) <= pool.max
+        assert all(issuer.valid(lease, name) for lease in pool.leases)
 
 
 def test_grace_period_grants_nothing_until_it_ends():
-    ledger = Ledger({"default": 2}, ttl=4.0, grace_until=4.0)
+    ledger = restarted({"default": 2})
+    old = issued(n=2)
     ledger.hello(A, pid=1, host="h", now=0)
     assert grant(ledger, A, 1, now=0.5) is None
     assert ledger.snapshot(0.5)["grace_s"] == 3.5
     # a holder from before the restart re-announces during the grace period
-    ledger.hello(B, pid=2, host="h", leases=[(7, "default"), (8, "default")], now=1.0)
+    ledger.hello(B, pid=2, host="h", leases=[(old[0], "default"), (old[1], "default")], now=1.0)
     assert ledger.next_deadline() == 4.0
     ledger.heartbeat(A, idle={}, leases=[], now=3.9)
-    ledger.heartbeat(B, idle={}, leases=[7, 8], now=3.9)
+    ledger.heartbeat(B, idle={}, leases=old, now=3.9)
     assert ops(ledger.tick(4.0), "grant") == []  # the budget is full: still waiting
-    outs = ledger.release(B, lease=7, now=4.1)
+    outs = ledger.release(B, lease=old[0], now=4.1)
     assert [cid for cid, _ in ops(outs, "grant")] == [A]
 
 
@@ -307,12 +365,13 @@ def test_with_fencing_expired_leases_stay_counted_until_fenced():
 
 
 def test_with_fencing_the_grace_period_ends_with_a_sweep():
-    ledger = Ledger({"default": 1}, ttl=3.0, fence=True, grace_until=3.0)
-    ledger.hello(A, pid=1, host="h", leases=[(9, "default")], now=1)
+    ledger = restarted({"default": 1}, ttl=3.0, fence=True, grace_until=3.0)
+    [old] = issued()
+    ledger.hello(A, pid=1, host="h", leases=[(old, "default")], now=1)
     ledger.hello(B, pid=2, host="h", now=1)
     assert grant(ledger, B, 1, now=1) is None
     outs = ledger.tick(3.0)
-    assert [f for _, op, f in outs if op == "sweep"] == [{"known": [9]}]
-    ledger.release(A, lease=9, now=3.1)
+    assert [f for _, op, f in outs if op == "sweep"] == [{"known": [old]}]
+    ledger.release(A, lease=old, now=3.1)
     assert ops(ledger.tick(3.2), "grant") == []  # still sweeping: nothing granted
     assert [cid for cid, _ in ops(ledger.swept(3.3), "grant")] == [B]

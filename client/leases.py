@@ -102,7 +102,9 @@ class LeaseClient:
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
-        self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}".encode()
+        # 128 random bits: an identity must not be guessable (a peer using it could
+        # say bye for us); status shows only a hash of it
+        self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}".encode()
 
     # ------------------------------------------------------------- any thread
 

@@ -157,7 +157,7 @@ def request(url: str, op: str, timeout: float = 3.0, **fields: object) -> dict:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000) + 1):
                 raise TimeoutError(f"broker at {url} did not answer within {timeout:g}s")
-            msg = p.decode(sock.recv(), p.BROKER_OPS)
+            msg = p.decode(sock.recv(), p.BROKER_OPS, max_bytes=p.MAX_STATUS_BYTES)
             if msg["op"] == "error":
                 raise RuntimeError(f"broker at {url} answered: {msg['message']}")
             if msg.get("rid") == rid:

@@ -19,6 +19,7 @@ shell that feeds it frames and timer ticks. This is where every rule lives:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections import OrderedDict
@@ -191,7 +192,7 @@ class Ledger:
         if client is None:
             client = Client(cid)
             self.clients[cid] = client
-            log.info("client %s joined (pid %s on %s%s)", _cid(cid), pid, p.shown(host),
+            log.info("client %s joined (pid %s on %s%s)", _label(cid), pid, p.shown(host),
                      f", {p.shown(name)}" if name else "")
         client.pid, client.host, client.name, client.last_seen = pid, host, name, now
         rejected: List[int] = []
@@ -211,7 +212,7 @@ class Ledger:
             touched.add(pool_name)
         if rejected:
             log.warning("client %s (pid %s) re-announced %d lease(s) that cannot be taken "
-                        "back (%s); it must close their connections", _cid(cid), pid,
+                        "back (%s); it must close their connections", _label(cid), pid,
                         len(rejected), ", ".join(f"{n} {r}" for r, n in sorted(why.items())))
         outs: List[Out] = [
             (cid, "welcome", {"epoch": self.epoch, "ttl": self.ttl,
@@ -327,7 +328,7 @@ class Ledger:
         if client is None:
             return []
         log.info("client %s (pid %s) said bye, returning %d lease(s)",
-                 _cid(cid), client.pid, len(client.leases))
+                 _label(cid), client.pid, len(client.leases))
         return self._forget(client, now)
 
     def tick(self, now: float) -> List[Out]:
@@ -357,7 +358,7 @@ class Ledger:
             if client.last_seen + self.ttl <= now:
                 if client.leases:
                     log.warning("client %s (pid %s on %s) silent for %.1fs: expiring %d lease(s)",
-                                _cid(client.id), client.pid, p.shown(client.host),
+                                _label(client.id), client.pid, p.shown(client.host),
                                 now - client.last_seen, len(client.leases))
                 outs += self._forget(client, now, expired=True)
         for name in touched:
@@ -610,7 +611,7 @@ class Ledger:
             for lease in client.leases.values():
                 per_pool[lease.pool] = per_pool.get(lease.pool, 0) + 1
             clients.append({
-                "id": _cid(client.id),
+                "id": _label(client.id),
                 "pid": client.pid,
                 "host": client.host,
                 "name": client.name,
@@ -643,6 +644,7 @@ class Ledger:
                 assert rid not in client.granted
 
 
-def _cid(cid: ClientId) -> str:
-    """A client id for a log line, escaped (peers choose their ids)."""
-    return p.shown(cid.decode("utf-8", "replace") if isinstance(cid, bytes) else cid, 80)
+def _label(cid: ClientId) -> str:
+    """A stable name for a client in ``status``. Not its routing id: whoever can
+    read the status must not learn the ids to impersonate (say ``bye`` as) others."""
+    return hashlib.blake2b(cid, digest_size=6, person=b"pb-client").hexdigest()

@@ -1,7 +1,10 @@
 """Hostile peers and unlucky timing, against a real broker and real PostgreSQL."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -131,3 +134,23 @@ def test_a_start_without_a_state_file_holds_the_grace_period(pg, broker_factory,
     assert "no state file to prove" in broker.log_text()
     state = tmp_path / "new" / os.listdir(tmp_path / "new")[0]
     assert oct(state.stat().st_mode & 0o777) == "0o600"  # it holds the lease id key
+
+
+def test_status_of_a_broker_with_hundreds_of_clients_and_long_names(broker_factory):
+    """Item 10: a status reply over 64 KiB (a few hundred clients) broke the CLI;
+    names from peers are escaped in the broker's log."""
+    broker = broker_factory({"default": 2})
+    peers = [_dealer(broker.url, f"peer-{i}".encode()) for i in range(300)]
+    for i, peer in enumerate(peers):
+        peer.send(p.encode("hello", pid=i, host="h" * 700, name=f"\x1b[31m{i}" + "n" * 190,
+                           leases=[]))
+    assert broker.wait_for(lambda s: len(s["clients"]) == 300, 10)["clients"]
+    out = subprocess.run([sys.executable, "-m", "poolbroker", "status", "--json", "--broker",
+                          broker.url], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) > p.MAX_MESSAGE_BYTES
+    assert len(json.loads(out.stdout)["clients"]) == 300
+    assert all(not c["id"].startswith("peer-") for c in json.loads(out.stdout)["clients"])
+    assert "\x1b" not in broker.log_text()  # escaped, never raw into the log
+    for peer in peers:
+        peer.close()

@@ -159,12 +159,16 @@ class LeaseClient:
             self._lost.discard(lease)
             self._connected.discard(lease)
 
-    def connected(self, lease: int, backend_pid: int) -> None:
-        """Tell the broker which backend serves ``lease`` (sent with the next batch;
-        nobody waits for it)."""
+    def connected(self, lease: int, backend_pid: int, user: Optional[str] = None,
+                  db: Optional[str] = None) -> None:
+        """Tell the broker which backend serves ``lease``, as which role in which
+        database (what fencing matches; sent with the next batch, nobody waits)."""
+        fields: Dict[str, Any] = {"lease": lease, "backend_pid": backend_pid}
+        if user and db and len(user) <= p.MAX_NAME_CHARS and len(db) <= p.MAX_NAME_CHARS:
+            fields.update(user=user, db=db)
         with self._lock:
             self._connected.add(lease)
-            self._outbox.append(p.encode("connected", lease=lease, backend_pid=backend_pid))
+            self._outbox.append(p.encode("connected", **fields))
         self._wake()
 
     def take_recall(self, pool: str) -> bool:

@@ -470,7 +470,7 @@ class ConnectionPool:
                 raise PoolError(f"{self.name}: the lease expired while connecting (the "
                                 f"process stalled for {stalled:.1f}s); try again")
             fd = closing.watch(conn)
-            client.connected(lease, conn.get_backend_pid())
+            client.connected(lease, conn.get_backend_pid(), conn.info.user, conn.info.dbname)
             if self._configure is not None:
                 self._configure(conn)
                 status = conn.get_transaction_status()

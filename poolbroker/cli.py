@@ -16,6 +16,7 @@ import zmq
 from . import protocol as p
 from .config import ConfigError
 from .config import load as load_config
+from .fencing import FenceConfigError
 from .server import AddressInUse, Broker
 
 log = logging.getLogger("poolbroker")
@@ -135,6 +136,9 @@ def _serve(args: argparse.Namespace) -> int:
     except AddressInUse as exc:
         log.error("%s", exc)
         return 1
+    except FenceConfigError as exc:
+        log.error("%s; not starting", exc)
+        return 2
     except (ValueError, zmq.ZMQError) as exc:
         log.error("cannot serve on %s: %s", args.bind, exc)
         return 1

@@ -24,7 +24,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol as p
 from .leaseids import LeaseIds
@@ -43,6 +43,8 @@ class Lease:
     granted_at: float
     rid: Optional[int] = None
     backend_pid: Optional[int] = None
+    user: Optional[str] = None  # the session's role and database, as the client saw them
+    db: Optional[str] = None
     fencing: bool = False  # its client expired; counted until its backend is gone
 
 
@@ -127,6 +129,9 @@ class Ledger:
         self.fence_tag = fence_tag  # what clients put before the lease id
         self._sweeping = False
         self.fencing: Dict[int, Lease] = {}
+        # (role, database) pairs of leased sessions: a restart sweep terminates
+        # tagged backends only there (the server keeps them in its state file)
+        self.fence_scopes: Set[Tuple[str, str]] = set()
         # Lease ids this broker expired: their slots went to others, so a client
         # waking up with them is told they are lost (a restarted broker, knowing
         # none, takes re-announced leases back instead).
@@ -292,13 +297,18 @@ class Ledger:
         self._drop_lease(client, held)
         return self._rebalance(held.pool, now)
 
-    def connected(self, cid: ClientId, *, lease: int, backend_pid: int, now: float) -> List[Out]:
+    def connected(self, cid: ClientId, *, lease: int, backend_pid: int, now: float,
+                  user: Optional[str] = None, db: Optional[str] = None) -> List[Out]:
+        """The connection of ``lease`` is open: its backend pid, role and database
+        are what fencing matches before it terminates anything."""
         client, outs = self._known(cid, None, now)
         if client is None:
             return outs
         held = client.leases.get(lease)
         if held is not None:
-            held.backend_pid = backend_pid
+            held.backend_pid, held.user, held.db = backend_pid, user, db
+            if self.fence and user and db:
+                self.fence_scopes.add((user, db))
         return []
 
     def heartbeat(
@@ -341,7 +351,8 @@ class Ledger:
                 # before granting: end the backends of leases nobody re-announced
                 self._sweeping = True
                 known = [lz for pl in self.pools.values() for lz in pl.leases]
-                outs.append((b"", "sweep", {"known": known}))
+                outs.append((b"", "sweep", {"known": known,
+                                            "scopes": sorted(self.fence_scopes)}))
             else:
                 outs += self.swept(now)
         for pool in self.pools.values():
@@ -470,7 +481,8 @@ class Ledger:
             for lease in list(client.leases.values()):
                 lease.fencing = True
                 self.fencing[lease.id] = lease
-                to_fence.append([lease.id, lease.backend_pid or 0, lease.pool])
+                to_fence.append([lease.id, lease.backend_pid or 0, lease.pool, lease.user,
+                                 lease.db])
                 if lease.rid is not None:
                     client.granted.pop(lease.rid, None)
             client.leases.clear()

@@ -13,7 +13,8 @@ hello       ``pid`` int, ``host`` str, ``name`` str, ``leases`` list of
 acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds
 cancel      ``rid`` int: nobody waits for that request any more
 release     ``lease`` int: the connection is closed and the server saw it go
-connected   ``lease`` int, ``backend_pid`` int: for audit and fencing
+connected   ``lease`` int, ``backend_pid`` int, optional ``user`` and ``db`` (the
+            session's role and database): for audit and fencing
 heartbeat   ``idle`` map pool -> int, ``leases`` list of int, optional ``rid``
             (echoed in ``hb``: a client checking its leases after a stall)
 bye         (nothing): the process is leaving, release everything it holds
@@ -174,6 +175,12 @@ CLIENT_OPS: dict[str, dict[str, Any]] = {
     "resume": {"rid": _uint, "pool": _name},
 }
 
+# op -> {field: validator} for optional fields: checked when present.
+OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
+    "connected": {"user": _name, "db": _name},
+    "heartbeat": {"rid": _uint},
+}
+
 BROKER_OPS: dict[str, dict[str, Any]] = {
     "welcome": {"epoch": _text, "ttl": _num, "heartbeat": _num, "rejected": _uint_list},
     "grant": {"rid": _uint, "pool": _name, "lease": _uint},
@@ -261,4 +268,7 @@ def _decode(frame: bytes, ops: dict[str, dict[str, Any]], max_bytes: int) -> dic
     for field, valid in ops[op].items():
         if field not in msg or not valid(msg[field]):
             raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} missing or invalid", rid)
+    for field, valid in OPTIONAL_FIELDS.get(op, {}).items():
+        if field in msg and not valid(msg[field]):
+            raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} invalid", rid)
     return msg

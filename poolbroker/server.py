@@ -26,6 +26,7 @@ from .clock import LoopClock
 from .config import ConfigError
 from .config import load as load_config
 from .fencing import Fencer, tag_prefix
+from .fencing import check_dsn as check_fence_dsn
 from .leaseids import LeaseIds
 from .ledger import Ledger, Out
 from .state import StateFile, default_path
@@ -147,6 +148,7 @@ class Broker:
         self._wake_w.setblocking(False)
         self.frames_in = 0
         self.bad_frames = 0
+        self._scopes_written = 0
         self.frame_errors = 0  # frames that hit a bug (logged): must stay 0
         self.loop_errors = 0
         self._last_bad_log = 0.0
@@ -206,6 +208,7 @@ class Broker:
         key = StateFile.lease_key(previous)
         self.ledger.ids = LeaseIds(key)
         self.ledger.ids_verifiable = key is not None
+        self.ledger.fence_scopes |= StateFile.fence_scopes(previous)
         if StateFile.needs_grace(previous):
             self.ledger.start_grace(self.clock.now() + self.grace)
             log.warning("leases may be outstanding (%s): granting nothing for %.1fs while "
@@ -216,12 +219,14 @@ class Broker:
         self._write_state(outstanding=self.ledger.in_grace, clean_exit=False)
 
     def _write_state(self, *, outstanding: bool, clean_exit: bool) -> None:
+        self._scopes_written = len(self.ledger.fence_scopes)
         self.state.write(outstanding=outstanding, clean_exit=clean_exit, epoch=self.epoch,
-                         key=self.ledger.ids.key)
+                         key=self.ledger.ids.key, scopes=self.ledger.fence_scopes)
 
     def _record_state(self) -> None:
         outstanding = self.ledger.in_grace or any(pl.leases for pl in self.ledger.pools.values())
-        if outstanding != self.state.outstanding:
+        if (outstanding != self.state.outstanding
+                or len(self.ledger.fence_scopes) != self._scopes_written):
             self._write_state(outstanding=outstanding, clean_exit=False)
 
     def run(self, on_ready: Optional[Callable[[], None]] = None, *, signals: bool = True) -> None:
@@ -241,6 +246,8 @@ class Broker:
                     raise AddressInUse(
                         f"{self.bind} is already in use (another broker?): {exc}") from None
                 raise
+            if self.fence_dsn:
+                check_fence_dsn(self.fence_dsn)  # a wrong DSN stops us now, not at first use
             self._start_grace()
             if self.fence_dsn:
                 self.fencer = Fencer(self.fence_dsn, self.broker_id, self._poke)
@@ -336,7 +343,7 @@ class Broker:
                 continue
             if op == "sweep":
                 assert self.fencer is not None
-                self.fencer.sweep(fields["known"])
+                self.fencer.sweep(fields["known"], fields["scopes"])
                 continue
             try:
                 sock.send_multipart([cid, p.encode(op, **fields)], zmq.NOBLOCK)
@@ -391,11 +398,10 @@ class Broker:
             return ledger.cancel(cid, rid=msg["rid"], now=now)
         if op == "connected":
             return ledger.connected(cid, lease=msg["lease"], backend_pid=msg["backend_pid"],
-                                    now=now)
+                                    now=now, user=msg.get("user"), db=msg.get("db"))
         if op == "heartbeat":
-            rid = msg.get("rid")
             return ledger.heartbeat(cid, idle=msg["idle"], leases=msg["leases"], now=now,
-                                    rid=rid if p._uint(rid) else None)
+                                    rid=msg.get("rid"))
         if op == "hello":
             return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
                                 leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)
@@ -406,6 +412,11 @@ class Broker:
         if op == "status":
             data = ledger.snapshot(now)
             data["bad_frames"] = self.bad_frames
+            data["frame_errors"] = self.frame_errors
+            data["loop_errors"] = self.loop_errors
+            data["lost_s"] = round(self.clock.lost, 3)
+            if self.fencer is not None:
+                data.update(self.fencer.stats())
             return [(cid, "status", {"rid": msg["rid"], "data": data})]
         raise AssertionError(f"op {op!r} validated but not dispatched")
 

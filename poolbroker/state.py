@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional, Set, Tuple
 
 log = logging.getLogger("poolbroker")
 
@@ -91,11 +91,22 @@ class StateFile:
             key = b""
         return key if len(key) >= 16 else None
 
-    def write(self, *, outstanding: bool, clean_exit: bool, epoch: str, key: bytes) -> None:
+    @staticmethod
+    def fence_scopes(previous: Optional[Dict[str, Any]]) -> Set[Tuple[str, str]]:
+        """The (role, database) pairs the previous run's leased sessions used."""
+        pairs = (previous or {}).get("fence_scopes")
+        if not isinstance(pairs, list):
+            return set()
+        return {(u, d) for u, d in (x for x in pairs if isinstance(x, list) and len(x) == 2)
+                if isinstance(u, str) and isinstance(d, str)}
+
+    def write(self, *, outstanding: bool, clean_exit: bool, epoch: str, key: bytes,
+              scopes: Iterable[Tuple[str, str]] = ()) -> None:
         """Record atomically and durably (temp file, fsync, rename, fsync the dir)."""
         self.outstanding = outstanding
         data = {"leases_outstanding": outstanding, "clean_exit": clean_exit, "epoch": epoch,
-                "lease_key": key.hex(), "pid": os.getpid(), "written_at": time.time()}
+                "lease_key": key.hex(), "fence_scopes": sorted(map(list, scopes)),
+                "pid": os.getpid(), "written_at": time.time()}
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".pbstate-", dir=directory)  # mode 0600

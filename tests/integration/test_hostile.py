@@ -8,6 +8,7 @@ import sys
 import time
 
 import msgpack
+import psycopg2
 import pytest
 import zmq
 
@@ -154,3 +155,70 @@ def test_status_of_a_broker_with_hundreds_of_clients_and_long_names(broker_facto
     assert "\x1b" not in broker.log_text()  # escaped, never raw into the log
     for peer in peers:
         peer.close()
+
+
+def _roles(pg) -> tuple:
+    """A fencing role that may signal backends (not a superuser) and an app role."""
+    conn = psycopg2.connect(pg.dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("""DO $$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pbfencer') THEN
+                CREATE ROLE pbfencer LOGIN; GRANT pg_signal_backend TO pbfencer; END IF;
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pbapp') THEN
+                CREATE ROLE pbapp LOGIN; END IF; END $$""")
+    conn.close()
+    return pg.dsn.replace("user=postgres", "user=pbfencer"), pg.dsn.replace("user=postgres",
+                                                                            "user=pbapp")
+
+
+def test_the_fencer_survives_hostile_session_names_and_leaves_impostors_alone(
+        pg, broker_factory):
+    """Item 5: a session named '.../pb<id>:²' killed the fencer thread (int('²')), and
+    a tagged backend it may not terminate made it retry forever; either way expired
+    leases stayed counted and waiters timed out."""
+    fence_dsn, app_dsn = _roles(pg)
+    broker = broker_factory({"default": 1}, ttl=2.0, extra=("--fence-dsn", fence_dsn))
+    tag = new_tag()
+    holder = Worker(dict(mode="hold", n=1, dsn=tagged(app_dsn, tag), broker=broker.url))
+    holder_pid = int(holder.wait_line("HOLDING").split()[1])
+    with psycopg2.connect(pg.dsn) as admin, admin.cursor() as cur:
+        cur.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+                    (holder_pid,))
+        name = cur.fetchone()[0]
+    admin.close()
+    lease_tag = name[name.index("/pb"):]
+    prefix = lease_tag[:lease_tag.index(":") + 1]
+    # a superuser session wearing the holder's tag, and one whose "lease id" is '²'
+    impostor = psycopg2.connect(pg.dsn, application_name="evil" + lease_tag)
+    weird = psycopg2.connect(pg.dsn, application_name="odd" + prefix + "²")
+    holder.proc.send_signal(signal.SIGSTOP)  # expires; its backend must be fenced
+    try:
+        with ConnectionPool(app_dsn, broker=broker.url, timeout=20) as pool:
+            with pool.connection() as conn:  # the slot, once the holder is fenced
+                conn.cursor().execute("SELECT 1")
+        for survivor in (impostor, weird):  # neither was touched
+            with survivor.cursor() as cur:
+                cur.execute("SELECT 1")
+    finally:
+        holder.proc.send_signal(signal.SIGCONT)
+    holder.finish()
+    assert holder.result()["use_after"] != ["ok"]  # the holder's session was ended
+    status = broker.status()
+    assert status["fence_terminated"] >= 1 and status["fence_errors"] == 0, status
+    assert "left alone" in broker.log_text()
+    impostor.close()
+    weird.close()
+
+
+@pytest.mark.parametrize("who,expect", [("nosuchrole", "does not exist"),
+                                        ("pbapp", "may not terminate")])
+def test_a_wrong_fence_dsn_stops_the_broker_at_start(pg, who, expect):
+    """Item 5: a wrong fence DSN used to be found only on first use."""
+    _roles(pg)
+    dsn = pg.dsn.replace("user=postgres", f"user={who}")
+    out = subprocess.run([sys.executable, "-m", "poolbroker", "serve", "--bind", short_ipc(),
+                          "--pool", "default=1", "--fence-dsn", dsn, "--grace", "0"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert expect in out.stderr and "not starting" in out.stderr

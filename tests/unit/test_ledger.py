@@ -344,12 +344,13 @@ def test_with_fencing_expired_leases_stay_counted_until_fenced():
     assert ops(ledger.hello(A, pid=1, host="h", now=0), "welcome")[0][1]["fence"] == "/pbx:"
     ledger.hello(B, pid=2, host="h", now=0)
     lease = grant(ledger, A, 1, now=0)
-    ledger.connected(A, lease=lease, backend_pid=4242, now=0)
+    ledger.connected(A, lease=lease, backend_pid=4242, now=0, user="app", db="shop")
+    assert ledger.fence_scopes == {("app", "shop")}
     assert grant(ledger, B, 1, now=0, timeout=30) is None
     ledger.heartbeat(B, idle={}, leases=[], now=2.9)
     outs = ledger.tick(3.0)  # A is silent: expired, but its backend may still run
-    assert [f for cid, op, f in outs if op == "fence"] == [{"leases": [[lease, 4242,
-                                                                        "default"]]}]
+    assert [f for cid, op, f in outs if op == "fence"] == [
+        {"leases": [[lease, 4242, "default", "app", "shop"]]}]
     assert ops(outs, "grant") == []
     assert ledger.snapshot(3.0)["pools"]["default"]["fencing"] == 1
     # A wakes up and re-announces: refused, its backend is being terminated
@@ -371,7 +372,7 @@ def test_with_fencing_the_grace_period_ends_with_a_sweep():
     ledger.hello(B, pid=2, host="h", now=1)
     assert grant(ledger, B, 1, now=1) is None
     outs = ledger.tick(3.0)
-    assert [f for _, op, f in outs if op == "sweep"] == [{"known": [old]}]
+    assert [f for _, op, f in outs if op == "sweep"] == [{"known": [old], "scopes": []}]
     ledger.release(A, lease=old, now=3.1)
     assert ops(ledger.tick(3.2), "grant") == []  # still sweeping: nothing granted
     assert [cid for cid, _ in ops(ledger.swept(3.3), "grant")] == [B]

@@ -154,7 +154,7 @@ class FencingLedgerMachine(LedgerMachine):
     def apply(self, outs):
         for _, op, fields in outs:
             if op == "fence":
-                self.to_fence += [lease for lease, _, _ in fields["leases"]]
+                self.to_fence += [entry[0] for entry in fields["leases"]]
         super().apply([o for o in outs if o[1] != "fence"])
 
     @rule()

@@ -123,3 +123,13 @@ def test_error_messages_are_clipped_so_the_peer_can_decode_them():
     msg = p.decode(p.encode("error", **fields), p.BROKER_OPS)
     assert msg["message"].startswith("unknown pool x") and msg["message"].endswith("...")
     assert p.known_names([f"p{i}" for i in range(30)], 3) == "p0, p1, p10 and 27 more"
+
+
+def test_optional_fields_are_validated_when_present():
+    ok = p.decode(p.encode("connected", lease=1, backend_pid=2, user="app", db="shop"))
+    assert ok["user"] == "app"
+    for bad in ({"user": ["x"] * 3}, {"db": ""}, {"user": "u" * 500}):
+        with pytest.raises(p.ProtocolError):
+            p.decode(p.encode("connected", lease=1, backend_pid=2, **bad))
+    with pytest.raises(p.ProtocolError):
+        p.decode(p.encode("heartbeat", idle={}, leases=[], rid=-1))

@@ -33,8 +33,9 @@ from typing import Any, Callable, Dict, List, Optional
 import zmq
 
 from poolbroker import protocol as p
+from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
 
-from .errors import BrokerError
+from .errors import BrokerError, PoolError
 
 log = logging.getLogger("poolbroker_client")
 
@@ -102,6 +103,7 @@ class LeaseClient:
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
+        self._curve: Optional[tuple] = None  # CURVE keys (tcp brokers), see poolbroker.security
         # 128 random bits: an identity must not be guessable (a peer using it could
         # say bye for us); status shows only a hash of it
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}".encode()
@@ -213,6 +215,13 @@ class LeaseClient:
         # fork() (gunicorn --preload) has no thread or socket to inherit.
         if self._thread is not None:
             return
+        # CURVE keys for a tcp broker: read now, so a wrong setting is the caller's
+        # error (naming it) rather than a dead I/O thread
+        if self.url.startswith("tcp://"):
+            try:
+                self._curve = client_keys()
+            except InsecureEndpoint as exc:
+                raise PoolError(f"broker {self.url}: {exc}") from None
         self.started = time.monotonic()
         # hello goes first, and requests made from now on belong to its generation
         # (so the welcome does not make us re-send them)
@@ -252,6 +261,8 @@ class LeaseClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # well inside the grace period
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        if self._curve is not None:
+            apply_client_curve(sock, self._curve)
         sock.connect(self.url)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

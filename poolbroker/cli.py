@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from . import protocol as p
 from .config import ConfigError
 from .config import load as load_config
 from .fencing import FenceConfigError
+from .security import InsecureEndpoint, apply_client_curve, default_admin_url, keygen
 from .server import AddressInUse, Broker
 
 log = logging.getLogger("poolbroker")
@@ -64,7 +66,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="admin connection (a superuser or a pg_signal_backend member) used "
                             "to terminate the backends of expired leases before their slots "
                             "are granted again")
+    serve.add_argument("--admin-bind", default=os.environ.get("POOLBROKER_ADMIN_URL"),
+                       help="where resize/drain/pause/resume are accepted, ipc or loopback tcp "
+                            "(default: ipc://PATH.admin beside an ipc --bind, owner-only; "
+                            "$POOLBROKER_ADMIN_URL)")
+    serve.add_argument("--socket-group", default=None, metavar="GROUP",
+                       help="let this group use the ipc socket (mode 0660; default: owner "
+                            "only, 0600)")
+    serve.add_argument("--curve-secret", default=os.environ.get("POOLBROKER_CURVE_SECRET"),
+                       metavar="FILE", help="the broker's secret key file (poolbroker keygen): "
+                       "CURVE encryption and authentication, required for tcp beyond loopback")
+    serve.add_argument("--curve-clients", default=os.environ.get("POOLBROKER_CURVE_CLIENTS"),
+                       metavar="DIR", help="directory of the public key files of the clients "
+                       "allowed in (with --curve-secret)")
     serve.add_argument("--log-level", default=os.environ.get("POOLBROKER_LOG_LEVEL", "INFO"))
+
+    keygen = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, "
+                            "NAME.key_secret private)")
+    keygen.add_argument("name", help="whose keys: e.g. broker, or web")
+    keygen.add_argument("--dir", default=".", help="where to write them (default: here)")
 
     status = sub.add_parser("status", help="show pools, leases and clients of a running broker")
     status.add_argument("--broker", default=os.environ.get("POOLBROKER_URL"),
@@ -79,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         admin = sub.add_parser(name, help=helptext)
         admin.add_argument("--broker", default=os.environ.get("POOLBROKER_URL"),
                            help="broker endpoint (default: $POOLBROKER_URL)")
+        admin.add_argument("--admin", default=os.environ.get("POOLBROKER_ADMIN_URL"),
+                           help="the broker's admin endpoint (default: $POOLBROKER_ADMIN_URL, "
+                                "else ipc://PATH.admin beside an ipc --broker)")
         if name == "resize":
             admin.add_argument("--pool", required=True, type=_parse_pool, metavar="NAME=MAX")
         else:
@@ -93,6 +116,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _serve(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "keygen":
+        public, secret = keygen(args.dir, args.name)
+        print(f"public key: {public}  (give it to whoever must trust {args.name})\n"
+              f"secret key: {secret}  (mode 0600: keep it private)")
+        return 0
     return _admin(args)
 
 
@@ -128,15 +156,27 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ttl <= 0.3:
         print("poolbroker serve: --ttl must be more than 0.3 seconds", file=sys.stderr)
         return 2
+    gid = None
+    if args.socket_group:
+        try:
+            gid = grp.getgrnam(args.socket_group).gr_gid
+        except KeyError:
+            print(f"poolbroker serve: no group named {args.socket_group}", file=sys.stderr)
+            return 2
+    if bool(args.curve_secret) != bool(args.curve_clients):
+        print("poolbroker serve: CURVE needs both --curve-secret and --curve-clients",
+              file=sys.stderr)
+        return 2
     try:
         Broker(args.bind, pools, ttl=args.ttl, grace=args.grace, state_dir=args.state_dir,
                max_waiting_per_client=args.max_waiting_per_client,
                config_path=args.config, pool_overrides=overrides,
-               fence_dsn=args.fence_dsn).run()
+               fence_dsn=args.fence_dsn, admin_bind=args.admin_bind, socket_group=gid,
+               curve_secret=args.curve_secret, curve_clients=args.curve_clients).run()
     except AddressInUse as exc:
         log.error("%s", exc)
         return 1
-    except FenceConfigError as exc:
+    except (FenceConfigError, InsecureEndpoint) as exc:
         log.error("%s; not starting", exc)
         return 2
     except (ValueError, zmq.ZMQError) as exc:
@@ -147,12 +187,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def request(url: str, op: str, timeout: float = 3.0, **fields: object) -> dict:
     """Send one request to the broker at ``url`` and return its answer. Raises
-    TimeoutError if it does not answer, RuntimeError if it refuses."""
+    TimeoutError if it does not answer, RuntimeError if it refuses. CURVE keys come
+    from the environment (see :mod:`poolbroker.security`) for non-loopback tcp."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTING_ID, f"{op}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode())
+    sock.setsockopt(zmq.ROUTING_ID, f"{op}-{os.getpid()}-{uuid.uuid4().hex}".encode())
     try:
+        if url.startswith("tcp://"):
+            apply_client_curve(sock)
         sock.connect(url)
         rid = 1
         sock.send(p.encode(op, rid=rid, **fields))
@@ -176,16 +219,21 @@ def query_status(url: str, timeout: float = 3.0) -> dict:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    if not args.broker:
+    if not args.broker and not args.admin:
         print(f"poolbroker {args.command}: no address: pass --broker URL or set "
               "POOLBROKER_URL", file=sys.stderr)
         return 2
     fields: Dict[str, object] = {"pool": args.pool}
     if args.command == "resize":
         fields = {"pool": args.pool[0], "max": args.pool[1]}
+    where = args.admin or (default_admin_url(args.broker) if args.broker else None)
+    if not where:
+        print(f"poolbroker {args.command}: administration goes to the broker's admin "
+              "endpoint: pass --admin URL (the broker's --admin-bind)", file=sys.stderr)
+        return 2
     try:
-        answer = request(args.broker, args.command, args.timeout, **fields)
-    except (TimeoutError, RuntimeError, zmq.ZMQError) as exc:
+        answer = request(where, args.command, args.timeout, **fields)
+    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
         print(f"poolbroker {args.command}: {exc}", file=sys.stderr)
         return 1
     print(answer["message"])
@@ -199,7 +247,7 @@ def _status(args: argparse.Namespace) -> int:
         return 2
     try:
         data = query_status(args.broker, args.timeout)
-    except (TimeoutError, RuntimeError, zmq.ZMQError) as exc:
+    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
         print(f"poolbroker status: {exc}", file=sys.stderr)
         return 1
     if args.json:

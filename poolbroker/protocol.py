@@ -71,6 +71,7 @@ E_UNKNOWN_CLIENT = "unknown_client"
 E_TIMEOUT = "timeout"
 E_TOO_MANY_REQUESTS = "too_many_requests"
 E_DRAINING = "draining"
+E_FORBIDDEN = "forbidden"
 
 
 class ProtocolError(ValueError):

@@ -20,6 +20,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from . import protocol as p
 from .clock import LoopClock
@@ -29,6 +30,15 @@ from .fencing import Fencer, tag_prefix
 from .fencing import check_dsn as check_fence_dsn
 from .leaseids import LeaseIds
 from .ledger import Ledger, Out
+from .security import (
+    InsecureEndpoint,
+    bind_private,
+    check_endpoint,
+    default_admin_url,
+    ipc_path,
+    is_loopback,
+    load_server_keys,
+)
 from .state import StateFile, default_path
 
 log = logging.getLogger("poolbroker")
@@ -63,7 +73,7 @@ class AddressGuard:
         if len(self.path.encode()) > 107:
             raise ValueError(f"ipc path too long ({len(self.path)} > 107 bytes): {self.path}")
         lock_path = self.path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -122,8 +132,23 @@ class Broker:
         config_path: Optional[str] = None,
         pool_overrides: Optional[Dict[str, int]] = None,
         fence_dsn: Optional[str] = None,
+        admin_bind: Optional[str] = None,
+        socket_group: Optional[int] = None,
+        curve_secret: Optional[str] = None,
+        curve_clients: Optional[str] = None,
     ) -> None:
+        """``admin_bind``: where administration is accepted (None: ``ipc://PATH.admin``
+        beside an ipc ``bind``; "": nowhere). ``socket_group``: a gid that may use
+        the ipc socket (0660). ``curve_secret``/``curve_clients``: the broker's
+        secret certificate and a directory of allowed client public certificates
+        (see :mod:`poolbroker.security`)."""
         self.bind = bind
+        self.admin_bind = default_admin_url(bind) if admin_bind is None else admin_bind
+        self.socket_group = socket_group
+        self.curve_secret = curve_secret
+        self.curve_clients = curve_clients
+        self._sock: Optional[zmq.Socket] = None
+        self._admin_sock: Optional[zmq.Socket] = None
         # The loop wakes at least this often; a longer gap is time the broker did
         # not run, which the clock does not count (see poolbroker.clock).
         self.tick_every = min(1.0, ttl / 4)
@@ -230,22 +255,27 @@ class Broker:
             self._write_state(outstanding=outstanding, clean_exit=False)
 
     def run(self, on_ready: Optional[Callable[[], None]] = None, *, signals: bool = True) -> None:
+        check_endpoint(self.bind, curve=self.curve_secret is not None)
+        if self.admin_bind and not is_loopback(self.admin_bind):
+            raise InsecureEndpoint(f"the admin endpoint {self.admin_bind} must be ipc or "
+                                   "loopback tcp")
         guard = AddressGuard(self.bind)
         guard.acquire()
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        auth = None
+        sock = self._sock = self._router(ctx)
+        admin = None
         try:
-            try:
-                sock.bind(self.bind)
-            except zmq.ZMQError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise AddressInUse(
-                        f"{self.bind} is already in use (another broker?): {exc}") from None
-                raise
+            if self.curve_secret is not None:
+                auth = ThreadAuthenticator(ctx, log=log)
+                auth.start()
+                auth.configure_curve(domain="*", location=self.curve_clients or ".")
+                sock.curve_publickey, sock.curve_secretkey = load_server_keys(self.curve_secret)
+                sock.curve_server = True
+            self._bind(sock, self.bind, self.socket_group)
+            if self.admin_bind:
+                admin = self._admin_sock = self._router(ctx)
+                self._bind(admin, self.admin_bind, None)  # owner-only, whatever the group
             if self.fence_dsn:
                 check_fence_dsn(self.fence_dsn)  # a wrong DSN stops us now, not at first use
             self._start_grace()
@@ -255,15 +285,20 @@ class Broker:
                 self._install_signals()
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
+            if admin is not None:
+                poller.register(admin, zmq.POLLIN)
             poller.register(self._wake_r.fileno(), zmq.POLLIN)
             pools = ", ".join(f"{n}={pl.max}" for n, pl in self.ledger.pools.items())
-            log.info("poolbroker ready on %s: pools %s, lease ttl %.1fs, epoch %s, pid %d, %s",
+            log.info("poolbroker ready on %s: pools %s, lease ttl %.1fs, epoch %s, pid %d, %s; "
+                     "%s; administration on %s",
                      self.bind, pools, self.ledger.ttl, self.epoch, os.getpid(),
                      "fencing expired leases" if self.fencer else
-                     "no fencing (a frozen process may exceed the budget until it resumes)")
+                     "no fencing (a frozen process may exceed the budget until it resumes)",
+                     "CURVE: only allowed client keys" if auth else "no CURVE",
+                     self.admin_bind or "no endpoint (signals only)")
             if on_ready:
                 on_ready()
-            self._loop(sock, poller)
+            self._loop(poller)
         finally:
             leased = sum(len(pl.leases) for pl in self.ledger.pools.values())
             try:
@@ -274,12 +309,37 @@ class Broker:
             log.info("poolbroker stopped (%d lease(s) outstanding, %d frames, %d bad)",
                      leased, self.frames_in, self.bad_frames)
             sock.close(0)
+            if admin is not None:
+                admin.close(0)
+                path = ipc_path(self.admin_bind or "")
+                if path and os.path.exists(path):
+                    os.unlink(path)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             guard.release()
             if self.fencer is not None:
                 self.fencer.stop()
 
-    def _loop(self, sock: zmq.Socket, poller: zmq.Poller) -> None:
+    @staticmethod
+    def _router(ctx: zmq.Context) -> zmq.Socket:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        return sock
+
+    @staticmethod
+    def _bind(sock: zmq.Socket, url: str, group: Optional[int]) -> None:
+        try:
+            bind_private(sock, url, group)
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"{url} is already in use (another broker?): {exc}") from None
+            raise
+
+    def _loop(self, poller: zmq.Poller) -> None:
         settle = False
         while not self._stop:
             now = self.clock.now()
@@ -291,7 +351,7 @@ class Broker:
                 wait = min(wait, 0.05)
             events = dict(poller.poll(int(wait * 1000) + 1))
             try:
-                settle = self._step(sock, events)
+                settle = self._step(events)
             except Exception:  # a bug in a timer or the fencer hand-off: log, go on
                 settle = False
                 self.loop_errors += 1
@@ -299,10 +359,12 @@ class Broker:
                     log.exception("error in the broker loop (%d so far); continuing",
                                   self.loop_errors)
 
-    def _step(self, sock: zmq.Socket, events: Dict[Any, int]) -> bool:
+    def _step(self, events: Dict[Any, int]) -> bool:
         """One turn of the loop. True if the broker did not run for a while: then
         nothing expires in this turn, so that the heartbeats queued meanwhile are
         read first."""
+        sock = self._sock
+        assert sock is not None, "run() binds the socket before the loop"
         if self._wake_r.fileno() in events:
             try:
                 self._wake_r.recv(4096)
@@ -317,13 +379,19 @@ class Broker:
         if self._reload:
             self._reload = False
             self._send(sock, self.reload_config(self.clock.now()))
-        if sock in events:
+        for source, admin in ((sock, False), (self._admin_sock, True)):
+            if source is None or source not in events:
+                continue
             for _ in range(_BATCH):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                    frames = source.recv_multipart(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
-                self._send(sock, self._handle(frames, self.clock.now()))
+                outs = self._handle(frames, self.clock.now(), admin=admin)
+                if admin:  # its own answer goes back there; grants, recalls to clients
+                    self._send(source, [out for out in outs if out[0] == frames[0]])
+                    outs = [out for out in outs if out[0] != frames[0]]
+                self._send(sock, outs)
         gap = self.clock.take_gap()
         if gap:
             log.warning("the broker did not run for %.1fs (frozen, a paused VM, swapping?): "
@@ -359,7 +427,7 @@ class Broker:
                         self.bad_frames)
         return [(cid, "error", p.error_fields(err.rid, err.code, err.message))]
 
-    def _handle(self, frames: List[bytes], now: float) -> List[Out]:
+    def _handle(self, frames: List[bytes], now: float, admin: bool = False) -> List[Out]:
         """One frame in, the replies out. Never raises: one bad frame (or a bug it
         finds) must not stop the broker, or resending it would keep the whole fleet
         in the grace period."""
@@ -375,7 +443,7 @@ class Broker:
             except p.ProtocolError as err:
                 return self._bad(cid, err)
             try:
-                return self._dispatch(cid, msg, now)
+                return self._dispatch(cid, msg, now, admin)
             except Exception:  # a bug must not take the budget down with it
                 log.exception("error handling %s from %s", msg.get("op"), p.shown(cid, 40))
                 return [(cid, "error", p.error_fields(
@@ -386,7 +454,8 @@ class Broker:
                           self.frame_errors)
             return []
 
-    def _dispatch(self, cid: bytes, msg: Dict[str, Any], now: float) -> List[Out]:
+    def _dispatch(self, cid: bytes, msg: Dict[str, Any], now: float,
+                  admin: bool = False) -> List[Out]:
         op = msg["op"]
         ledger = self.ledger
         if op == "acquire":
@@ -408,6 +477,11 @@ class Broker:
         if op == "bye":
             return ledger.bye(cid, now=now)
         if op in ("resize", "drain", "pause", "resume"):
+            if not admin:
+                where = self.admin_bind or "no admin endpoint is configured"
+                return [(cid, "error", p.error_fields(
+                    msg["rid"], p.E_FORBIDDEN, f"{op} is accepted only on the admin endpoint "
+                    f"({where})"))]
             return self._admin(cid, msg, now)
         if op == "status":
             data = ledger.snapshot(now)

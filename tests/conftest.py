@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,9 @@ class BrokerHandle:
         raise AssertionError(f"broker {self.pid} did not die")
 
 
+TCP_STATE_DIR = "/tmp/pbt-state"
+
+
 @pytest.fixture
 def broker_factory(xprocess):
     started: List[BrokerHandle] = []
@@ -101,6 +105,8 @@ def broker_factory(xprocess):
             url = short_ipc()
             grace = 0.0 if grace is None else grace
         argv = [sys.executable, "-m", "poolbroker", "serve", "--bind", url, *extra]
+        if url.startswith("tcp://") and "--state-dir" not in extra:
+            argv += ["--state-dir", TCP_STATE_DIR]  # not the user's real state directory
         if grace is not None:
             argv += ["--grace", str(grace)]
         for name, size in (pools if pools is not None else {"default": 6}).items():
@@ -125,11 +131,12 @@ def broker_factory(xprocess):
     for handle in started:
         handle.stop()
     for path in {h.url[len("ipc://"):] for h in started if h.url.startswith("ipc://")}:
-        for leftover in (path, path + ".lock", path + ".state"):
+        for leftover in (path, path + ".lock", path + ".state", path + ".admin"):
             try:
                 os.unlink(leftover)
             except OSError:
                 pass
+    shutil.rmtree(TCP_STATE_DIR, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import psycopg2
 import pytest
 import zmq
 
+from devtools.pgcluster import free_port
 from poolbroker import protocol as p
 from poolbroker_client import ConnectionPool
 
@@ -222,3 +223,67 @@ def test_a_wrong_fence_dsn_stops_the_broker_at_start(pg, who, expect):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2, out.stderr
     assert expect in out.stderr and "not starting" in out.stderr
+
+
+def test_sockets_are_owner_only_and_administration_needs_the_admin_endpoint(pg, broker):
+    """Item 4: the ipc socket's mode followed the umask, and anyone who could reach
+    it could resize, drain or pause a pool."""
+    path = broker.url[len("ipc://"):]
+    for private in (path, path + ".admin", path + ".lock"):
+        assert os.stat(private).st_mode & 0o777 == 0o600, private
+    assert "every user can write" in broker.log_text()  # /tmp, as the tests use
+    stranger = _dealer(broker.url, b"stranger")
+    for op in ("resize", "drain", "pause", "resume"):
+        fields = {"max": 0} if op == "resize" else {}
+        stranger.send(p.encode(op, rid=1, pool="default", **fields))
+        [reply] = _replies(stranger, 1)
+        assert reply["op"] == "error" and reply["code"] == p.E_FORBIDDEN, reply
+        assert "admin endpoint" in reply["message"]
+    stranger.close()
+    assert broker.status()["pools"]["default"]["max"] == 6  # nothing changed
+    out = subprocess.run([sys.executable, "-m", "poolbroker", "resize", "--broker", broker.url,
+                          "--pool", "default=5"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "max 6 -> 5" in out.stdout, out.stderr
+
+
+def test_tcp_beyond_loopback_is_refused_without_curve():
+    out = subprocess.run([sys.executable, "-m", "poolbroker", "serve", "--bind",
+                          f"tcp://0.0.0.0:{free_port()}", "--pool", "default=1"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "without authentication" in out.stderr, out.stderr
+
+
+def test_with_curve_only_allowed_client_keys_get_in(pg, broker_factory, tmp_path,
+                                                    monkeypatch):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("broker", "web", "stranger"):
+        subprocess.run([sys.executable, "-m", "poolbroker", "keygen", name, "--dir",
+                        str(keys)], check=True, capture_output=True)
+    assert (keys / "web.key_secret").stat().st_mode & 0o777 == 0o600
+    allowed.mkdir()
+    (allowed / "web.key").write_text((keys / "web.key").read_text())
+    url = f"tcp://0.0.0.0:{free_port()}"  # all interfaces: fine, with CURVE
+    broker = broker_factory({"default": 2}, url=url, grace=0,
+                            extra=("--curve-secret", str(keys / "broker.key_secret"),
+                                   "--curve-clients", str(allowed),
+                                   "--admin-bind", short_ipc("pba")))
+
+    def status_as(client):
+        env = {**os.environ, "POOLBROKER_SERVER_KEY": str(keys / "broker.key")}
+        if client:
+            env["POOLBROKER_CLIENT_KEY"] = str(keys / f"{client}.key_secret")
+        return subprocess.run([sys.executable, "-m", "poolbroker", "status", "--json",
+                               "--timeout", "2", "--broker", url.replace("0.0.0.0", "127.0.0.1")],
+                              capture_output=True, text=True, env=env, timeout=30)
+
+    assert status_as("web").returncode == 0
+    denied = status_as("stranger")
+    assert denied.returncode == 1 and "did not answer" in denied.stderr
+    half = status_as(None)
+    assert half.returncode == 1 and "needs both" in half.stderr
+    monkeypatch.setenv("POOLBROKER_SERVER_KEY", str(keys / "broker.key"))
+    monkeypatch.setenv("POOLBROKER_CLIENT_KEY", str(keys / "web.key_secret"))
+    with ConnectionPool(pg.dsn, broker=url.replace("0.0.0.0", "127.0.0.1"), timeout=5) as pool:
+        with pool.connection() as conn:
+            conn.cursor().execute("SELECT 1")
+    assert "CURVE: only allowed client keys" in broker.log_text()

@@ -104,9 +104,8 @@ class LeaseClient:
         self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
         self._curve: Optional[tuple] = None  # CURVE keys (tcp brokers), see poolbroker.security
-        # 128 random bits: an identity must not be guessable (a peer using it could
-        # say bye for us); status shows only a hash of it
-        self.identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}".encode()
+        self.identity = _new_identity()
+        self.deaths = 0  # times the I/O thread died and was replaced
 
     # ------------------------------------------------------------- any thread
 
@@ -308,11 +307,44 @@ class LeaseClient:
                     except zmq.Again:
                         pass  # the queue to the broker is full: the next beat will do
                     next_beat = time.monotonic() + self._heartbeat
-        except Exception:
-            log.exception("poolbroker client I/O thread for %s died", self.url)
+        except Exception as exc:
+            log.exception("poolbroker client I/O thread for %s died; cutting this process's "
+                          "connections and starting over under a new identity", self.url)
+            self._died(exc)
         finally:
             sock.close()  # linger lets the bye go out
             ctx.term()
+
+    def _died(self, exc: BaseException) -> None:
+        """The I/O thread is dying: nobody heartbeats for our leases any more, so
+        the broker will expire them. Cut every connection (they must not outlive
+        their leases), fail every waiting request with the cause, and forget this
+        identity: the next request starts a new thread that says hello afresh."""
+        cause = PoolError(f"the link to broker {self.url} failed ({type(exc).__name__}: "
+                          f"{exc}); this process's connections were cut, and the next "
+                          "request starts over")
+        with self._lock:
+            requests = [req for req in self._requests.values() if not req.done]
+            for req in requests:
+                req.done = True
+            self._requests.clear()
+            lost = set(self._leases) | {lease for _, _, lease in self._held}
+            self._lost |= lost
+            self._leases.clear()
+            self._connected.clear()
+            self._held = []
+            self._debt.clear()
+            self._outbox = []
+            self._suspect = False
+            self.confirmed.set()
+            self._hello_gen = self._welcomed_gen = 0
+            self.epoch = None
+            self.identity = _new_identity()
+            self._thread = None
+            self.deaths += 1
+        self._tell_pools_lost(lost)
+        for req in requests:
+            _run_callback(req, None, cause)
 
     def _send_all(self, sock: zmq.Socket, frames: List[bytes]) -> bool:
         """Send without blocking; if the queue to an unreachable broker is full,
@@ -329,7 +361,11 @@ class LeaseClient:
     def _heartbeat_frame(self, rid: Optional[int] = None) -> bytes:
         idle: Dict[str, int] = {}
         for pool in list(self._pools):
-            name, n = pool._idle_count()
+            try:
+                name, n = pool._idle_count()
+            except Exception:  # a hint for recalls only: never worth the thread
+                log.exception("%s: counting idle connections failed", pool)
+                continue
             idle[name] = idle.get(name, 0) + n
         with self._lock:
             leases = list(self._leases)
@@ -482,7 +518,10 @@ class LeaseClient:
         if count:
             for owner in list(self._pools):
                 if owner._broker_pool == pool:
-                    owner._on_recall()
+                    try:
+                        owner._on_recall()
+                    except Exception:
+                        log.exception("%s: acting on a recall failed", owner)
 
     def _on_lost(self, leases: List[int]) -> None:
         if not leases:
@@ -497,8 +536,22 @@ class LeaseClient:
                         "heartbeat for a TTL: was this process frozen?) or the broker lost "
                         "them; their connections are cut and will be replaced under new "
                         "leases", self.url, len(lost))
-            for owner in list(self._pools):
-                owner._on_lost(set(lost))
+            self._tell_pools_lost(set(lost))
+
+    def _tell_pools_lost(self, lost: set) -> None:
+        if not lost:
+            return
+        for owner in list(self._pools):
+            try:
+                owner._on_lost(lost)
+            except Exception:
+                log.exception("%s: cutting connections of lost leases failed", owner)
+
+
+def _new_identity() -> bytes:
+    # 128 random bits: an identity must not be guessable (a peer using it could say
+    # bye for us); status shows only a hash of it
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}".encode()
 
 
 def _run_callback(req: LeaseRequest, lease: Optional[int], error: Optional[BaseException]) -> None:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import msgpack
@@ -14,7 +15,8 @@ import zmq
 
 from devtools.pgcluster import free_port
 from poolbroker import protocol as p
-from poolbroker_client import ConnectionPool
+from poolbroker_client import ConnectionPool, PoolError
+from poolbroker_client.leases import LeaseClient
 
 from conftest import Worker, count_backends, new_tag, short_ipc, tagged
 
@@ -287,3 +289,44 @@ def test_with_curve_only_allowed_client_keys_get_in(pg, broker_factory, tmp_path
         with pool.connection() as conn:
             conn.cursor().execute("SELECT 1")
     assert "CURVE: only allowed client keys" in broker.log_text()
+
+
+def test_if_the_client_io_thread_dies_callers_get_a_pool_error_and_it_starts_over(
+        pg, broker_factory):
+    """Item 9: a dead I/O thread sent no heartbeats and no errors: callers hung
+    until their timeout, and nothing ever worked again in that process."""
+    broker = broker_factory({"default": 1}, ttl=2.0)
+    tag = new_tag()
+    with ConnectionPool(tagged(pg.dsn, tag), broker=broker.url, timeout=15) as pool:
+        held = pool.getconn()
+        client = LeaseClient.for_url(broker.url)
+        errors: list = []
+
+        def wait() -> None:
+            try:
+                pool.putconn(pool.getconn())
+            except Exception as exc:  # what the caller sees
+                errors.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while pool.get_stats()["requests_waiting"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        real = client._heartbeat_frame
+
+        def fault(*args, **kwargs):  # one injected bug in the I/O thread
+            client._heartbeat_frame = real
+            raise RuntimeError("injected fault")
+
+        client._heartbeat_frame = fault
+        t0 = time.monotonic()
+        waiter.join(10)
+        assert errors and type(errors[0]) is PoolError, errors
+        assert "injected fault" in str(errors[0]) and time.monotonic() - t0 < 5
+        with pytest.raises(psycopg2.Error):  # cut: it must not outlive its lease
+            held.cursor().execute("SELECT 1")
+        pool.putconn(held)
+        with pool.connection() as conn:  # a new thread, a new identity, a new lease
+            conn.cursor().execute("SELECT 1")
+        assert client.deaths == 1

@@ -15,8 +15,9 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 log = logging.getLogger("poolbroker_client")
 
@@ -33,7 +34,8 @@ def watch(conn: Any) -> Optional[int]:
 
 def wait_eof(fds: List[Optional[int]], timeout: float) -> List[int]:
     """Wait until the peer of every socket in ``fds`` has closed, then close them.
-    Returns the descriptors whose peer was still there at ``timeout`` (closed too)."""
+    Returns the descriptors whose peer was still there at ``timeout``: those stay
+    open, the caller's to watch (see :func:`watch_until_eof`) or close."""
     socks = {}
     for fd in fds:
         if fd is None:
@@ -49,41 +51,109 @@ def wait_eof(fds: List[Optional[int]], timeout: float) -> List[int]:
     for fd in socks:
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     deadline = time.monotonic() + timeout
-    try:
-        while socks:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return list(socks)
-            for fd, _ in poller.poll(left * 1000):
-                try:
-                    if socks[fd].recv(65536):
-                        continue  # late data from the server: keep reading to EOF
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    pass  # reset: the connection is gone
+    while socks:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for fd, _ in poller.poll(left * 1000):
+            if _at_eof(socks[fd]):
                 poller.unregister(fd)
                 socks.pop(fd).close()
-        return []
-    finally:
-        for sock in socks.values():
-            sock.close()
+    for sock in socks.values():
+        sock.detach()  # the descriptor stays open for the caller
+    return list(socks)
 
 
-def close_and_wait(items: List[Tuple[Any, Optional[int]]], timeout: float = 10.0) -> int:
+def _at_eof(sock: socket.socket) -> bool:
+    try:
+        while sock.recv(65536):
+            pass  # late data from the server: keep reading to EOF
+        return True
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # reset: the connection is gone
+
+
+def close_and_wait(items: List[Tuple[Any, Optional[int]]], timeout: float = 10.0) -> List[int]:
     """Close every ``(conn, fd)`` and wait until the server has seen them go (see the
     module doc). All Terminates go out first, so N connections cost one wait.
-    Returns how many were still there at ``timeout``."""
+    Returns the positions in ``items`` whose server was not seen to close in time;
+    their descriptors stay open (the caller watches or closes them)."""
     for conn, _ in items:
         try:
             conn.close()
         except Exception:
             pass
-    late = wait_eof([fd for _, fd in items], timeout)
-    if late:
-        log.warning("%d closed connection(s) still had a backend after %.0fs; "
-                    "giving their leases back anyway", len(late), timeout)
-    return len(late)
+    late = set(wait_eof([fd for _, fd in items], timeout))
+    positions = [i for i, (_, fd) in enumerate(items) if fd is not None and fd in late]
+    if positions:
+        log.warning("%d closed connection(s) still had a backend after %.0fs (is the "
+                    "database reachable?); their leases go back unconfirmed, and stay "
+                    "counted until the server is seen to close them", len(positions), timeout)
+    return positions
+
+
+class _EofWatcher:
+    """One daemon thread that waits for end-of-file on sockets whose close was not
+    confirmed in time, and reports each (EOF seen, or given up at its limit)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: Dict[int, Tuple[socket.socket, Callable[[bool], None], float]] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._thread: Optional[threading.Thread] = None
+        self._pid = 0
+
+    def add(self, fd: int, on_done: Callable[[bool], None], limit: float) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        with self._lock:
+            self._items[fd] = (sock, on_done, time.monotonic() + limit)
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="poolbroker-eof-watcher")
+                self._thread.start()
+        self._wake_w.send(b"x")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                items = dict(self._items)
+            poller = select.poll()
+            poller.register(self._wake_r.fileno(), select.POLLIN)
+            for fd in items:
+                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            now = time.monotonic()
+            wait = min([until - now for _, _, until in items.values()] + [60.0])
+            events = dict(poller.poll(max(0.0, wait) * 1000))
+            if self._wake_r.fileno() in events:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+            now = time.monotonic()
+            for fd, (sock, on_done, until) in items.items():
+                seen = fd in events and _at_eof(sock)
+                if seen or now >= until:
+                    with self._lock:
+                        del self._items[fd]
+                    sock.close()
+                    try:
+                        on_done(seen)
+                    except Exception:
+                        log.exception("reporting a late close failed")
+
+
+_watcher = _EofWatcher()
+
+
+def watch_until_eof(fd: int, on_done: Callable[[bool], None], limit: float) -> None:
+    """Keep waiting (in the background, up to ``limit`` seconds) for the server to
+    close the socket behind ``fd``; then close ``fd`` and call ``on_done(seen)``."""
+    _watcher.add(fd, on_done, limit)
 
 
 def cut(fd: int) -> None:

@@ -35,9 +35,14 @@ import zmq
 from poolbroker import protocol as p
 from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
 
+from . import closing
 from .errors import BrokerError, PoolError
 
 log = logging.getLogger("poolbroker_client")
+
+# How long a socket whose close was not confirmed is watched for the server's EOF
+# (the broker's default hold: a server notices a vanished client by TCP keepalive).
+UNCONFIRMED_WATCH = 8000.0
 
 Callback = Callable[["LeaseRequest", Optional[int], Optional[BaseException]], None]
 
@@ -100,6 +105,9 @@ class LeaseClient:
         self.confirmed.set()
         self._held: List[tuple] = []  # grants held back while suspect
         self._check_rid = 0  # the heartbeat whose answer confirms us
+        self._check_at = 0.0  # when it was sent (it is sent again if no answer comes)
+        self._hello_at = 0.0  # when the last hello was sent (the same)
+        self._seen = 0  # the highest grant seq received from this broker run
         self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
@@ -152,6 +160,28 @@ class LeaseClient:
                 return  # lost or already released: the broker does not count it
             self._outbox.append(p.encode("release", lease=lease))
         self._wake()
+
+    def release_unconfirmed(self, lease: int, fd: int) -> None:
+        """Give ``lease`` back although the server was not seen to close its
+        connection in time (``fd``, a duplicate of the socket, is still open). The
+        broker keeps counting the slot (or fences it) until we confirm, which
+        happens when the server is seen to close the socket, in the background."""
+        with self._lock:
+            pool = self._leases.pop(lease, None)
+            self._lost.discard(lease)
+            self._connected.discard(lease)
+            if pool is not None:
+                self._outbox.append(p.encode("release", lease=lease, unconfirmed=True))
+        if pool is None:  # lost meanwhile: the broker does not count it
+            os.close(fd)
+            return
+        self._wake()
+
+        def done(seen: bool) -> None:
+            if seen:
+                self._send_soon(p.encode("release", lease=lease))
+
+        closing.watch_until_eof(fd, done, UNCONFIRMED_WATCH)
 
     def forget(self, lease: int) -> None:
         """Drop a lease the broker no longer knows (no release is sent)."""
@@ -243,6 +273,7 @@ class LeaseClient:
         a restart that made it forget), and so are grants held across a stall:
         their connects fail and their requests are asked again."""
         self._hello_gen += 1
+        self._hello_at = time.monotonic()
         leases = [[lease, pool] for lease, pool in self._leases.items()
                   if lease in self._connected]
         for lease in [lz for lz in self._leases if lz not in self._connected]:
@@ -301,6 +332,7 @@ class LeaseClient:
                         except zmq.Again:
                             break
                         self._on_frame(frame)
+                self._retry_unanswered()
                 if time.monotonic() >= next_beat:
                     try:
                         sock.send(self._heartbeat_frame(), zmq.NOBLOCK)
@@ -367,11 +399,34 @@ class LeaseClient:
                 log.exception("%s: counting idle connections failed", pool)
                 continue
             idle[name] = idle.get(name, 0) + n
+        fields: Dict[str, Any] = {"idle": idle}
         with self._lock:
-            leases = list(self._leases)
+            # every lease we hold, grants held back across a stall included: the
+            # broker frees what a client that has seen its grant does not list
+            fields["leases"] = list(self._leases) + [lease for _, _, lease in self._held]
+            if self.epoch is not None:
+                fields.update(epoch=self.epoch, seen=self._seen)
         if rid is not None:
-            return p.encode("heartbeat", idle=idle, leases=leases, rid=rid)
-        return p.encode("heartbeat", idle=idle, leases=leases)
+            fields["rid"] = rid
+        return p.encode("heartbeat", **fields)
+
+    def _retry_unanswered(self) -> None:
+        """I/O thread: say hello again if no welcome came, and check again after a
+        stall if no answer came (a lost message must not wedge us)."""
+        now = time.monotonic()
+        retry = max(0.5, 2 * self._heartbeat)
+        with self._lock:
+            hello_again = self._hello_pending() and now - self._hello_at > retry
+            if hello_again:
+                self._outbox.append(self._hello())
+            check_again = self._suspect and now - self._check_at > retry
+            if check_again:
+                self._check_rid = next(self._rids)
+                self._check_at = now
+        if hello_again:
+            log.info("broker %s has not answered our hello: saying it again", self.url)
+        if check_again:
+            self._send_soon(self._heartbeat_frame(self._check_rid))
 
     def _on_frame(self, frame: bytes) -> None:
         """Handle one message from the broker. Never raises: one bad frame must not
@@ -393,6 +448,8 @@ class LeaseClient:
         self.last_reply = time.monotonic()
         op = msg["op"]
         if op == "grant":
+            with self._lock:
+                self._seen = max(self._seen, msg.get("seq", 0))
             self._on_grant(msg["rid"], msg["pool"], msg["lease"])
         elif op == "error":
             self._on_error(msg["rid"], msg["code"], msg["message"])
@@ -420,6 +477,7 @@ class LeaseClient:
                     "using new ones", stalled, self.url)
         with self._lock:
             self._check_rid = next(self._rids)
+            self._check_at = time.monotonic()
         self._send_soon(self._heartbeat_frame(self._check_rid))
 
     def _send_soon(self, frame: bytes) -> None:
@@ -492,6 +550,9 @@ class LeaseClient:
         if self.epoch is not None and msg["epoch"] != self.epoch:
             log.warning("broker %s restarted (epoch %s -> %s); re-announced %d lease(s)",
                         self.url, self.epoch, msg["epoch"], len(self._leases))
+        if msg["epoch"] != self.epoch:
+            with self._lock:
+                self._seen = 0  # grant numbers start again with every broker run
         self.epoch = msg["epoch"]
         fence = msg.get("fence")
         self.fence = fence if isinstance(fence, str) and len(fence) < 20 else ""

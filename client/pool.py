@@ -31,6 +31,19 @@ _STATUS_OK = ext.TRANSACTION_STATUS_IDLE
 _STATUS_ROLLBACK = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 
 
+def _give_lease_back(client: LeaseClient, lease: int, late_fd: Optional[int]) -> None:
+    """After a close: release ``lease``, unconfirmed if the server was not seen to
+    close the connection (``late_fd`` still open), or forget it if it was lost."""
+    if client.is_lost(lease):
+        client.forget(lease)  # the broker no longer counts it
+        if late_fd is not None:
+            os.close(late_fd)
+    elif late_fd is not None:
+        client.release_unconfirmed(lease, late_fd)
+    else:
+        client.release(lease)
+
+
 class _Conn:
     """A pooled connection and what the pool knows about it."""
 
@@ -482,9 +495,9 @@ class ConnectionPool:
                 self._opening -= 1
                 self._stats["connections_errors"] += 1
                 self._grow_locked()
-            if conn is not None:
-                closing.close_and_wait([(conn, fd)], self.close_timeout)
-            client.release(lease)
+            late = closing.close_and_wait([(conn, fd)], self.close_timeout) \
+                if conn is not None else []
+            _give_lease_back(client, lease, fd if late else None)
             raise
         lifetime = self.max_lifetime * random.uniform(0.95, 1.0)  # spread the replacements
         c = _Conn(conn, lease, fd, t0 + lifetime)
@@ -603,12 +616,9 @@ class ConnectionPool:
         """Close ``conns`` (already out of ``_all`` and counted in ``_closing``), wait
         until the server has seen them go, then give their leases back."""
         client = self._lease_client()
-        closing.close_and_wait([(c.conn, c.fd) for c in conns], self.close_timeout)
-        for c in conns:
-            if client.is_lost(c.lease):
-                client.forget(c.lease)  # the broker no longer counts it
-            else:
-                client.release(c.lease)
+        late = closing.close_and_wait([(c.conn, c.fd) for c in conns], self.close_timeout)
+        for i, c in enumerate(conns):
+            _give_lease_back(client, c.lease, c.fd if i in late else None)
         with self._lock:
             self._closing -= len(conns)
             self._grow_locked()

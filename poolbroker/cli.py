@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--curve-clients", default=os.environ.get("POOLBROKER_CURVE_CLIENTS"),
                        metavar="DIR", help="directory of the public key files of the clients "
                        "allowed in (with --curve-secret)")
+    serve.add_argument("--unconfirmed-hold", type=float, default=8000.0, metavar="SECONDS",
+                       help="how long a slot stays counted when a client could not see the "
+                            "server close its connection (default 8000: the server's TCP "
+                            "keepalive notices a vanished client after about 2 h 11 min)")
     serve.add_argument("--log-level", default=os.environ.get("POOLBROKER_LOG_LEVEL", "INFO"))
 
     keygen = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, "
@@ -172,7 +176,8 @@ def _serve(args: argparse.Namespace) -> int:
                max_waiting_per_client=args.max_waiting_per_client,
                config_path=args.config, pool_overrides=overrides,
                fence_dsn=args.fence_dsn, admin_bind=args.admin_bind, socket_group=gid,
-               curve_secret=args.curve_secret, curve_clients=args.curve_clients).run()
+               curve_secret=args.curve_secret, curve_clients=args.curve_clients,
+               unconfirmed_hold=args.unconfirmed_hold).run()
     except AddressInUse as exc:
         log.error("%s", exc)
         return 1

@@ -42,10 +42,21 @@ class Lease:
     client: ClientId
     granted_at: float
     rid: Optional[int] = None
+    seq: Optional[int] = None  # grant sequence number; None for a re-announced lease
     backend_pid: Optional[int] = None
     user: Optional[str] = None  # the session's role and database, as the client saw them
     db: Optional[str] = None
     fencing: bool = False  # its client expired; counted until its backend is gone
+    # given back without proof that the server saw its connection close (the
+    # client could not reach the database): counted until the client confirms,
+    # or until held_until
+    unconfirmed: bool = False
+    held_until: float = 0.0
+
+    @property
+    def owned(self) -> bool:
+        """False for a lease counted on behalf of nobody (fencing, unconfirmed)."""
+        return not (self.fencing or self.unconfirmed)
 
 
 @dataclass
@@ -103,6 +114,7 @@ class Ledger:
         grace_until: float = 0.0,
         fence: bool = False,
         fence_tag: str = "",
+        unconfirmed_hold: float = 8000.0,
     ) -> None:
         if not pools:
             raise ValueError("at least one pool is needed")
@@ -118,6 +130,7 @@ class Ledger:
         # the previous run is lost (no state file): re-announced ids then cannot be
         # checked, and only the bounds in hello() apply.
         self.ids = lease_ids or LeaseIds()
+        self._grant_seq = 0  # grants in this run, in order (clients echo the highest seen)
         self.ids_verifiable = ids_verifiable
         # After a restart that may have left leases outstanding, nothing is granted
         # until this time, so that clients can re-announce what they hold first.
@@ -129,6 +142,13 @@ class Ledger:
         self.fence_tag = fence_tag  # what clients put before the lease id
         self._sweeping = False
         self.fencing: Dict[int, Lease] = {}
+        # Leases released without the server having been seen to close them. Their
+        # backends may live on (a partition: the server notices only when its TCP
+        # keepalive fires, after about 2 h 11 min by default), so they stay counted
+        # until the client confirms or for unconfirmed_hold seconds (with fencing,
+        # they are fenced instead).
+        self.unconfirmed: Dict[int, Lease] = {}
+        self.unconfirmed_hold = unconfirmed_hold
         # (role, database) pairs of leased sessions: a restart sweep terminates
         # tagged backends only there (the server keeps them in its state file)
         self.fence_scopes: Set[Tuple[str, str]] = set()
@@ -261,8 +281,9 @@ class Ledger:
             return [self._error(cid, rid, p.E_DRAINING,
                                 f"pool {pool!r} is draining for maintenance: no new leases "
                                 "until it is resumed")]
-        if rid in client.granted:  # a retry of a request we already granted
-            return [(cid, "grant", {"rid": rid, "pool": pool, "lease": client.granted[rid]})]
+        granted = client.leases.get(client.granted.get(rid, -1))
+        if granted is not None:  # a retry of a request we already granted
+            return [(cid, "grant", self._grant_fields(granted))]
         if rid in client.waiting:  # a retry of a request still queued: new deadline
             client.waiting[rid].deadline = now + timeout
             return []
@@ -286,16 +307,47 @@ class Ledger:
         del self.pools[waiter.pool].queue[(cid, rid)]
         return self._rebalance(waiter.pool, now)
 
-    def release(self, cid: ClientId, *, lease: int, now: float) -> List[Out]:
-        """The client closed the connection of ``lease`` and the server saw it go."""
+    def release(self, cid: ClientId, *, lease: int, now: float,
+                unconfirmed: bool = False) -> List[Out]:
+        """The client closed the connection of ``lease`` and the server saw it go.
+        With ``unconfirmed``, the client could not see the server close it: the
+        slot stays counted (see :attr:`unconfirmed`). A plain release of an
+        unconfirmed lease, from its client, is the confirmation."""
+        orphan = self.unconfirmed.get(lease)
+        if orphan is not None and orphan.client == cid and not unconfirmed:
+            del self.unconfirmed[lease]
+            del self.pools[orphan.pool].leases[lease]
+            log.info("client %s: the backend of lease %d is gone after all: slot freed",
+                     _label(cid), lease)
+            return self._rebalance(orphan.pool, now)
         client, outs = self._known(cid, None, now)
         if client is None:
             return outs
         held = client.leases.pop(lease, None)
         if held is None:
             return []  # released twice, or expired meanwhile: nothing to do
+        if unconfirmed:
+            return self._hold_unconfirmed(client, held, now)
         self._drop_lease(client, held)
         return self._rebalance(held.pool, now)
+
+    def _hold_unconfirmed(self, client: Client, lease: Lease, now: float) -> List[Out]:
+        self._orphan(client, lease)
+        if self.fence:
+            lease.fencing = True
+            self.fencing[lease.id] = lease
+            log.warning("client %s (pid %s) could not see the backend of lease %d go: "
+                        "fencing it", _label(client.id), client.pid, lease.id)
+            return [(b"", "fence", {"leases": [self._fence_entry(lease)]})]
+        lease.unconfirmed = True
+        lease.held_until = now + self.unconfirmed_hold
+        self.unconfirmed[lease.id] = lease
+        log.warning("client %s (pid %s) could not see the backend of lease %d (pid %s) go: "
+                    "its slot stays counted until the client confirms it or for %.0fs (set "
+                    "--fence-dsn to end such backends, or tcp_keepalives_idle on the server)",
+                    _label(client.id), client.pid, lease.id, lease.backend_pid or "?",
+                    self.unconfirmed_hold)
+        return self._rebalance(lease.pool, now)
 
     def connected(self, cid: ClientId, *, lease: int, backend_pid: int, now: float,
                   user: Optional[str] = None, db: Optional[str] = None) -> List[Out]:
@@ -313,24 +365,54 @@ class Ledger:
 
     def heartbeat(
         self, cid: ClientId, *, idle: Dict[str, int], leases: List[int], now: float,
-        rid: Optional[int] = None,
+        rid: Optional[int] = None, epoch: Optional[str] = None, seen: Optional[int] = None,
     ) -> List[Out]:
         """The client is alive; ``idle`` says how many idle connections it keeps per
-        pool (a hint for recalls), ``leases`` which leases it believes it holds."""
+        pool (a hint for recalls), ``leases`` which leases it holds. With ``seen``
+        (the highest grant seq it received from this run, ``epoch``) both sides
+        converge on lost messages: a lease whose grant the client has seen but
+        that it no longer lists was released (the release got lost): freed; a
+        grant the client has not seen long after it was sent got lost (ZeroMQ drops
+        silently to a peer that was away): sent again."""
         client, outs = self._known(cid, None, now)
         if client is None:
             return outs
-        changed = [pool for pool in set(idle) | set(client.idle)
-                   if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)]
+        changed = {pool for pool in set(idle) | set(client.idle)
+                   if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)}
         client.idle = {k: v for k, v in idle.items() if k in self.pools}
         unknown = [lease for lease in leases if lease not in client.leases]
         reply: Dict[str, Any] = {"epoch": self.epoch, "unknown": unknown}
         if rid is not None:  # the client wants to know it is this beat's answer
             reply["rid"] = rid
         outs = [(cid, "hb", reply)]
+        if epoch == self.epoch and seen is not None:
+            outs += self._reconcile(client, set(leases), seen, now, changed)
         for pool in changed:
             outs += self._rebalance(pool, now)
         return outs
+
+    def _reconcile(self, client: Client, listed: set, seen: int, now: float,
+                   changed: set) -> List[Out]:
+        outs: List[Out] = []
+        for lease in list(client.leases.values()):
+            if lease.seq is None or lease.id in listed:
+                continue
+            if lease.seq <= seen:
+                log.warning("client %s (pid %s) no longer holds lease %d, but its release "
+                            "never arrived: freeing it", _label(client.id), client.pid,
+                            lease.id)
+                del client.leases[lease.id]
+                self._drop_lease(client, lease)
+                changed.add(lease.pool)
+            elif now - lease.granted_at > 2 * self.heartbeat_interval:
+                log.warning("client %s (pid %s) never received the grant of lease %d: "
+                            "sending it again", _label(client.id), client.pid, lease.id)
+                outs.append((client.id, "grant", self._grant_fields(lease)))
+        return outs
+
+    @staticmethod
+    def _grant_fields(lease: Lease) -> Dict[str, Any]:
+        return {"rid": lease.rid, "pool": lease.pool, "lease": lease.id, "seq": lease.seq}
 
     def bye(self, cid: ClientId, *, now: float) -> List[Out]:
         """The client leaves: everything it holds or waits for goes."""
@@ -372,6 +454,12 @@ class Ledger:
                                 _label(client.id), client.pid, p.shown(client.host),
                                 now - client.last_seen, len(client.leases))
                 outs += self._forget(client, now, expired=True)
+        for lease in [lz for lz in self.unconfirmed.values() if lz.held_until <= now]:
+            log.warning("lease %d: its backend was never confirmed gone; after %.0fs it is "
+                        "assumed to be: slot freed", lease.id, self.unconfirmed_hold)
+            del self.unconfirmed[lease.id]
+            del self.pools[lease.pool].leases[lease.id]
+            touched.add(lease.pool)
         for name in touched:
             outs += self._rebalance(name, now)
         return outs
@@ -380,6 +468,7 @@ class Ledger:
         """The earliest time at which :meth:`tick` has something to do."""
         times = [w.deadline for pool in self.pools.values() for w in pool.queue.values()]
         times += [c.last_seen + self.ttl for c in self.clients.values()]
+        times += [lease.held_until for lease in self.unconfirmed.values()]
         if self._in_grace and not self._sweeping:
             times.append(self.grace_until)
         return min(times) if times else None
@@ -435,10 +524,19 @@ class Ledger:
 
     def _drop_lease(self, client: Client, lease: Lease) -> None:
         del self.pools[lease.pool].leases[lease.id]
+        self._orphan(client, lease)
+
+    @staticmethod
+    def _orphan(client: Client, lease: Lease) -> None:
+        """Detach ``lease`` (already out of ``client.leases``) from its client."""
         if lease.rid is not None:
             client.granted.pop(lease.rid, None)
         if client.recall.get(lease.pool):
             client.recall[lease.pool] -= 1
+
+    @staticmethod
+    def _fence_entry(lease: Lease) -> list:
+        return [lease.id, lease.backend_pid or 0, lease.pool, lease.user, lease.db]
 
     def swept(self, now: float) -> List[Out]:
         """The grace period is over (and, with fencing, unknown backends are gone)."""
@@ -481,10 +579,8 @@ class Ledger:
             for lease in list(client.leases.values()):
                 lease.fencing = True
                 self.fencing[lease.id] = lease
-                to_fence.append([lease.id, lease.backend_pid or 0, lease.pool, lease.user,
-                                 lease.db])
-                if lease.rid is not None:
-                    client.granted.pop(lease.rid, None)
+                to_fence.append(self._fence_entry(lease))
+                self._orphan(client, lease)
             client.leases.clear()
             outs.append((b"", "fence", {"leases": to_fence}))  # for the server's fencer
         for lease in list(client.leases.values()):
@@ -500,7 +596,7 @@ class Ledger:
         """Clients that hold or want leases in ``pool``: id -> (held, waiting)."""
         active: Dict[ClientId, List[int]] = {}
         for lease in pool.leases.values():
-            if not lease.fencing:
+            if lease.owned:
                 active.setdefault(lease.client, [0, 0])[0] += 1
         for waiter in pool.queue.values():
             active.setdefault(waiter.client, [0, 0])[1] += 1
@@ -520,13 +616,13 @@ class Ledger:
             del pool.queue[(waiter.client, waiter.rid)]
             client = self.clients[waiter.client]
             del client.waiting[waiter.rid]
+            self._grant_seq += 1
             lease = Lease(self.ids.issue(pool.name, self._id_in_use), pool.name, client.id,
-                          now, rid=waiter.rid)
+                          now, rid=waiter.rid, seq=self._grant_seq)
             pool.leases[lease.id] = lease
             client.leases[lease.id] = lease
             client.granted[waiter.rid] = lease.id
-            outs.append((client.id, "grant",
-                         {"rid": waiter.rid, "pool": pool.name, "lease": lease.id}))
+            outs.append((client.id, "grant", self._grant_fields(lease)))
         wanted = self._recall_targets(pool)
         for client in self.clients.values():
             target = wanted.get(client.id, 0)
@@ -559,7 +655,7 @@ class Ledger:
         """
         if pool.draining:  # everything back: idle at once, busy ones when returned
             return {lease.client: self.clients[lease.client].held(pool.name)
-                    for lease in pool.leases.values() if not lease.fencing}
+                    for lease in pool.leases.values() if lease.owned}
         excess = len(pool.leases) - pool.max
         if not pool.queue and excess <= 0:
             return {}
@@ -610,6 +706,7 @@ class Ledger:
             pools[pool.name] = {
                 "max": pool.max,
                 "fencing": sum(1 for lz in pool.leases.values() if lz.fencing),
+                "unconfirmed": sum(1 for lz in pool.leases.values() if lz.unconfirmed),
                 "paused": pool.paused,
                 "draining": pool.draining,
                 "leased": len(pool.leases),
@@ -644,6 +741,9 @@ class Ledger:
             for lease in pool.leases.values():
                 if lease.fencing:
                     assert self.fencing[lease.id] is lease
+                    continue
+                if lease.unconfirmed:
+                    assert self.unconfirmed[lease.id] is lease
                     continue
                 assert self.clients[lease.client].leases[lease.id] is lease
             for (cid, rid), waiter in pool.queue.items():

@@ -12,11 +12,16 @@ hello       ``pid`` int, ``host`` str, ``name`` str, ``leases`` list of
             ``[lease_id, pool]`` the client already holds (re-announce)
 acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds
 cancel      ``rid`` int: nobody waits for that request any more
-release     ``lease`` int: the connection is closed and the server saw it go
+release     ``lease`` int: the connection is closed and the server saw it go;
+            optional ``unconfirmed`` true: closed, but the server was not seen to
+            close it (the broker keeps counting the slot until a plain release)
 connected   ``lease`` int, ``backend_pid`` int, optional ``user`` and ``db`` (the
             session's role and database): for audit and fencing
-heartbeat   ``idle`` map pool -> int, ``leases`` list of int, optional ``rid``
-            (echoed in ``hb``: a client checking its leases after a stall)
+heartbeat   ``idle`` map pool -> int, ``leases`` list of int (every lease the
+            client holds, grants held back included), optional ``rid`` (echoed in
+            ``hb``: a client checking its leases after a stall), optional
+            ``epoch`` and ``seen``: the highest grant ``seq`` received from that
+            broker run (the broker reconciles lost grants and releases with it)
 bye         (nothing): the process is leaving, release everything it holds
 status      ``rid`` int
 resize      ``rid`` int, ``pool`` str, ``max`` int (administration)
@@ -28,7 +33,8 @@ Broker -> client ops:
 ==========  ==================================================================
 welcome     ``epoch`` str, ``ttl`` float, ``heartbeat`` float, ``rejected``
             list of lease ids from hello that the broker did not take back
-grant       ``rid`` int, ``pool`` str, ``lease`` int
+grant       ``rid`` int, ``pool`` str, ``lease`` int, ``seq`` int (this broker
+            run's grant counter: a client echoes the highest it has seen)
 error       ``rid`` int or nil, ``code`` str, ``message`` str
 recall      ``pool`` str, ``count`` int: how many leases the broker wants back
             from this client in that pool (a target, not an increment)
@@ -120,6 +126,10 @@ def _num(v: Any) -> bool:
     )
 
 
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
 def _name(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS
 
@@ -179,7 +189,9 @@ CLIENT_OPS: dict[str, dict[str, Any]] = {
 # op -> {field: validator} for optional fields: checked when present.
 OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "connected": {"user": _name, "db": _name},
-    "heartbeat": {"rid": _uint},
+    "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint},
+    "release": {"unconfirmed": _bool},
+    "grant": {"seq": _uint},  # broker -> client
 }
 
 BROKER_OPS: dict[str, dict[str, Any]] = {

@@ -136,6 +136,7 @@ class Broker:
         socket_group: Optional[int] = None,
         curve_secret: Optional[str] = None,
         curve_clients: Optional[str] = None,
+        unconfirmed_hold: float = 8000.0,
     ) -> None:
         """``admin_bind``: where administration is accepted (None: ``ipc://PATH.admin``
         beside an ipc ``bind``; "": nowhere). ``socket_group``: a gid that may use
@@ -161,7 +162,8 @@ class Broker:
         self.broker_id = hashlib.sha1(f"{socket.gethostname()}|{bind}".encode()).hexdigest()[:6]
         self.ledger = Ledger(pools, ttl=ttl, epoch=self.epoch,
                              max_waiting_per_client=max_waiting_per_client,
-                             fence=fence_dsn is not None, fence_tag=tag_prefix(self.broker_id))
+                             fence=fence_dsn is not None, fence_tag=tag_prefix(self.broker_id),
+                             unconfirmed_hold=unconfirmed_hold)
         self.fence_dsn = fence_dsn
         self.fencer: Optional[Fencer] = None
         self._stop = False
@@ -462,7 +464,8 @@ class Broker:
             return ledger.acquire(cid, rid=msg["rid"], pool=msg["pool"],
                                   timeout=float(msg["timeout"]), now=now)
         if op == "release":
-            return ledger.release(cid, lease=msg["lease"], now=now)
+            return ledger.release(cid, lease=msg["lease"], now=now,
+                                  unconfirmed=msg.get("unconfirmed", False))
         if op == "cancel":
             return ledger.cancel(cid, rid=msg["rid"], now=now)
         if op == "connected":
@@ -470,7 +473,8 @@ class Broker:
                                     now=now, user=msg.get("user"), db=msg.get("db"))
         if op == "heartbeat":
             return ledger.heartbeat(cid, idle=msg["idle"], leases=msg["leases"], now=now,
-                                    rid=msg.get("rid"))
+                                    rid=msg.get("rid"), epoch=msg.get("epoch"),
+                                    seen=msg.get("seen"))
         if op == "hello":
             return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
                                 leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)

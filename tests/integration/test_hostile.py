@@ -15,10 +15,10 @@ import zmq
 
 from devtools.pgcluster import free_port
 from poolbroker import protocol as p
-from poolbroker_client import ConnectionPool, PoolError
+from poolbroker_client import ConnectionPool, PoolError, PoolTimeout
 from poolbroker_client.leases import LeaseClient
 
-from conftest import Worker, count_backends, new_tag, short_ipc, tagged
+from conftest import Sampler, Worker, count_backends, new_tag, short_ipc, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -330,3 +330,93 @@ def test_if_the_client_io_thread_dies_callers_get_a_pool_error_and_it_starts_ove
         with pool.connection() as conn:  # a new thread, a new identity, a new lease
             conn.cursor().execute("SELECT 1")
         assert client.deaths == 1
+
+
+class ScriptedBroker:
+    """A ROUTER that plays the broker by hand, to lose chosen messages."""
+
+    def __init__(self) -> None:
+        self.url = short_ipc("pbs")
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.url)
+
+    def next(self, op: str, timeout: float = 5.0) -> tuple:
+        """The next message with ``op`` (others are read and ignored): (peer, msg)."""
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            peer, frame = self.sock.recv_multipart()
+            msg = p.decode(frame)
+            if msg["op"] == op:
+                return peer, msg
+        raise AssertionError(f"no {op} within {timeout}s")
+
+    def send(self, peer: bytes, op: str, **fields) -> None:
+        self.sock.send_multipart([peer, p.encode(op, **fields)])
+
+    def close(self) -> None:
+        self.sock.close()
+        os.unlink(self.url[len("ipc://"):])
+
+
+def test_a_lost_welcome_or_stall_check_answer_does_not_wedge_the_client():
+    """Item 8: a lost welcome left the client waiting forever (no hello again), and
+    a lost answer to its stall check left it 'suspect', holding grants forever."""
+    broker = ScriptedBroker()
+    client = LeaseClient(broker.url)
+    got: list = []
+    try:
+        client.acquire("default", 20.0, lambda req, lease, err: got.append((lease, err)))
+        broker.next("hello")  # lost: never answered
+        peer, _ = broker.next("hello")  # said again
+        broker.send(peer, "welcome", epoch="e1", ttl=3.0, heartbeat=0.5, rejected=[])
+        _, acquire = broker.next("acquire")  # re-sent after the welcome
+        broker.send(peer, "grant", rid=acquire["rid"], pool="default", lease=77, seq=1)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [(77, None)]
+        client.suspect(5.0)  # as after a freeze: confirm before using new grants
+        _, first = broker.next("heartbeat")
+        while "rid" not in first:
+            _, first = broker.next("heartbeat")
+        _, again = broker.next("heartbeat")  # the first check got no answer
+        while "rid" not in again:
+            _, again = broker.next("heartbeat")
+        assert again["rid"] != first["rid"] and again["leases"] == [77]
+        assert again["epoch"] == "e1" and again["seen"] == 1  # for the broker's reconciling
+        broker.send(peer, "hb", epoch="e1", unknown=[], rid=again["rid"])
+        assert client.confirmed.wait(5)
+    finally:
+        client.close(timeout=1)
+        broker.close()
+
+
+def test_a_close_the_server_was_not_seen_to_finish_keeps_its_slot_counted(pg, broker_factory):
+    """Item 6: after close_timeout the lease went back while the backend lived on
+    (a partition: the server notices only by TCP keepalive, hours later). Here the
+    backend is frozen, so it cannot act on the close; when it thaws, it exits, the
+    client sees it go, and only then is the slot free."""
+    broker = broker_factory({"default": 1})
+    tag = new_tag()
+    with Sampler(pg.dsn, [tag]) as sampler, \
+            ConnectionPool(tagged(pg.dsn, tag), broker=broker.url, timeout=10,
+                           close_timeout=1.0) as pool:
+        conn = pool.getconn()
+        backend = conn.get_backend_pid()
+        os.kill(backend, signal.SIGSTOP)
+        try:
+            conn.close()
+            pool.putconn(conn)  # a closed connection: discarded, its lease given back
+            status = broker.wait_for(
+                lambda s: s["pools"]["default"].get("unconfirmed") == 1, 5)
+            assert status["pools"]["default"]["leased"] == 1, status
+            with pytest.raises(PoolTimeout):  # the slot is still the frozen backend's
+                pool.getconn(timeout=2)
+            assert count_backends(pg.dsn, tag) == 1
+        finally:
+            os.kill(backend, signal.SIGCONT)
+        with pool.connection(timeout=10) as again:  # confirmed gone: free again
+            again.cursor().execute("SELECT 1")
+    assert sampler.max[tag] <= 1, f"server saw {sampler.max[tag]} connections, budget 1"
+    assert "is gone after all" in broker.log_text()

@@ -48,7 +48,7 @@ def test_grants_up_to_max_then_queues():
     assert grant(ledger, C, 1) is None
     assert ledger.snapshot(0)["pools"]["default"] == {
         "max": 2, "leased": 2, "idle": 0, "busy": 2, "waiting": 1, "paused": False,
-        "draining": False, "fencing": 0}
+        "draining": False, "fencing": 0, "unconfirmed": 0}
 
 
 def test_release_goes_to_the_oldest_waiter():
@@ -64,7 +64,7 @@ def test_retried_acquire_is_idempotent():
     ledger = make()
     lease = grant(ledger, A, 7)
     outs = ledger.acquire(A, rid=7, pool="default", timeout=1, now=0.1)
-    assert ops(outs, "grant") == [(A, {"rid": 7, "pool": "default", "lease": lease})]
+    assert ops(outs, "grant") == [(A, {"rid": 7, "pool": "default", "lease": lease, "seq": 1})]
     assert ledger.leased("default") == 1
 
 
@@ -111,7 +111,7 @@ def test_silent_client_loses_its_leases_after_ttl():
     ledger.heartbeat(B, idle={}, leases=[], now=3.5)
     outs = ledger.tick(3.5)  # A silent since 0.0, ttl 3.0
     assert ops(outs, "grant") == [(B, {"rid": 1, "pool": "default", "lease": ledger.clients[B]
-                                      .granted[1]})]
+                                      .granted[1], "seq": 2})]
     assert A not in ledger.clients
 
 
@@ -376,3 +376,64 @@ def test_with_fencing_the_grace_period_ends_with_a_sweep():
     ledger.release(A, lease=old, now=3.1)
     assert ops(ledger.tick(3.2), "grant") == []  # still sweeping: nothing granted
     assert [cid for cid, _ in ops(ledger.swept(3.3), "grant")] == [B]
+
+
+def test_heartbeats_reconcile_a_lost_release_and_a_lost_grant():
+    ledger = make({"default": 2})
+    first = grant(ledger, A, 1)
+    outs = ledger.acquire(A, rid=2, pool="default", timeout=10, now=0.0)
+    [(_, lost_grant)] = ops(outs, "grant")
+    assert lost_grant["seq"] == 2
+    # A saw grant 1 only (grant 2 was dropped on the way) and released lease 1,
+    # but that release was lost too
+    beat = dict(idle={}, leases=[], epoch=ledger.epoch, seen=1)
+    outs = ledger.heartbeat(A, now=0.5, **beat)
+    assert ledger.leased("default") == 1 and ops(outs, "grant") == []  # 1 freed; 2 is young
+    assert first not in ledger.clients[A].leases
+    outs = ledger.heartbeat(A, now=3.0, **beat)  # long after: the grant is sent again
+    assert ops(outs, "grant") == [(A, lost_grant)]
+    # a beat from another broker run proves nothing
+    ledger.heartbeat(A, idle={}, leases=[], now=3.1, epoch="other", seen=99)
+    assert ledger.leased("default") == 1
+    ledger.heartbeat(A, idle={}, leases=[lost_grant["lease"]], now=3.2, epoch=ledger.epoch,
+                     seen=2)
+    assert ledger.leased("default") == 1  # held, listed: kept
+
+
+def test_an_unconfirmed_release_keeps_the_slot_until_confirmed_or_held_long_enough():
+    ledger = Ledger({"default": 1}, ttl=4.0, unconfirmed_hold=100.0)
+    for cid in (A, B):
+        ledger.hello(cid, pid=1, host="h", now=0.0)
+    lease = grant(ledger, A, 1)
+    assert ledger.release(A, lease=lease, now=1.0, unconfirmed=True) == []
+    assert ledger.leased("default") == 1 and lease not in ledger.clients[A].leases
+    assert grant(ledger, B, 1, now=1.0, timeout=500) is None  # still counted
+    ledger.bye(A, now=2.0)  # its client leaving changes nothing
+    ledger.heartbeat(B, idle={}, leases=[], now=3.0)
+    assert ledger.leased("default") == 1
+    outs = ledger.release(A, lease=lease, now=4.0)  # the server was seen to close it
+    assert [cid for cid, _ in ops(outs, "grant")] == [B]
+    # never confirmed: freed after the hold
+    lease_b = ledger.clients[B].granted[1]
+    ledger.release(B, lease=lease_b, now=5.0, unconfirmed=True)
+    ledger.hello(C, pid=3, host="h", now=5.0)
+    assert grant(ledger, C, 1, now=5.0, timeout=500) is None
+    ledger.heartbeat(C, idle={}, leases=[], now=104.0)
+    ledger.heartbeat(B, idle={}, leases=[], now=104.0)
+    assert ops(ledger.tick(104.0), "grant") == []
+    ledger.heartbeat(C, idle={}, leases=[], now=105.5)
+    assert [cid for cid, _ in ops(ledger.tick(105.5), "grant")] == [C]
+    ledger.check()
+
+
+def test_with_fencing_an_unconfirmed_release_is_fenced():
+    ledger = Ledger({"default": 1}, ttl=4.0, fence=True)
+    ledger.hello(A, pid=1, host="h", now=0.0)
+    lease = grant(ledger, A, 1)
+    ledger.connected(A, lease=lease, backend_pid=99, now=0.0, user="u", db="d")
+    outs = ledger.release(A, lease=lease, now=1.0, unconfirmed=True)
+    assert [f for _, op, f in outs if op == "fence"] == [{"leases": [[lease, 99, "default",
+                                                                      "u", "d"]]}]
+    assert ledger.leased("default") == 1
+    ledger.fenced([lease], now=2.0)
+    assert ledger.leased("default") == 0

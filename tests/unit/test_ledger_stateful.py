@@ -25,6 +25,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self.dead_rids = {c: set() for c in CLIENTS}  # timed out / cancelled
         self.known = set()  # clients the ledger has welcomed (as far as they know)
         self.expired = {c: {} for c in CLIENTS}  # leases the broker expired: lease -> pool
+        self.seen = {c: 0 for c in CLIENTS}  # highest grant seq each client received
+        # released unconfirmed (the server was not seen to close them): lease -> pool
+        self.unconfirmed = {c: {} for c in CLIENTS}
 
     def apply(self, outs):
         for cid, op, fields in outs:
@@ -34,6 +37,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert rid not in self.dead_rids[cid], "granted a request nobody waits for"
                 self.waiting[cid].discard(rid)
                 self.held[cid][fields["lease"]] = fields["pool"]
+                self.seen[cid] = max(self.seen[cid], fields["seq"])
             elif op == "error" and fields["rid"] is not None:
                 self.waiting[cid].discard(fields["rid"])
                 self.dead_rids[cid].add(fields["rid"])
@@ -60,6 +64,33 @@ class LedgerMachine(RuleBasedStateMachine):
         self.apply(self.ledger.release(c, lease=lease, now=self.now))
 
     @rule(c=st.sampled_from(CLIENTS), data=st.data())
+    def release_unconfirmed(self, c, data):
+        if not self.held[c]:
+            return
+        lease = data.draw(st.sampled_from(sorted(self.held[c])))
+        pool = self.held[c].pop(lease)
+        if not self.ledger.fence:  # with fencing it is fenced instead
+            self.unconfirmed[c][lease] = pool
+        self.apply(self.ledger.release(c, lease=lease, now=self.now, unconfirmed=True))
+
+    @rule(c=st.sampled_from(CLIENTS), data=st.data())
+    def confirm_closed(self, c, data):
+        if not self.unconfirmed[c]:
+            return
+        lease = data.draw(st.sampled_from(sorted(self.unconfirmed[c])))
+        del self.unconfirmed[c][lease]
+        self.apply(self.ledger.release(c, lease=lease, now=self.now))
+
+    @invariant()
+    def every_counted_lease_is_accounted_for(self):
+        for name, pool in self.ledger.pools.items():
+            expected = sum(1 for c in CLIENTS for p_ in self.held[c].values() if p_ == name)
+            expected += sum(1 for c in CLIENTS for p_ in self.unconfirmed[c].values()
+                            if p_ == name)
+            expected += sum(1 for lz in self.ledger.fencing.values() if lz.pool == name)
+            assert len(pool.leases) == expected
+
+    @rule(c=st.sampled_from(CLIENTS), data=st.data())
     def cancel(self, c, data):
         if not self.waiting[c]:
             return
@@ -76,8 +107,10 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(c=st.sampled_from(CLIENTS), idle=st.integers(0, 3))
     def heartbeat(self, c, idle):
         if c in self.ledger.clients:
+            # with the reconciliation watermark: it must never free a lease in use
             self.apply(self.ledger.heartbeat(c, idle={"a": idle}, leases=list(self.held[c]),
-                                             now=self.now))
+                                             now=self.now, epoch=self.ledger.epoch,
+                                             seen=self.seen[c]))
 
     @rule(dt=st.floats(0.01, 6.0))
     def time_passes(self, dt):

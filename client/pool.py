@@ -8,6 +8,7 @@ connection is here) touches no socket. The cold path asks the broker for a lease
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -371,8 +372,7 @@ class ConnectionPool:
                 continue
             self._pending += 1
             w.req = self._lease_client().acquire(
-                self._broker_pool, left,
-                lambda req, lease, err, w=w: self._on_lease(w, req, lease, err))
+                self._broker_pool, left, functools.partial(self._on_lease, w))
 
     def _on_lease(self, w: _Waiter, req: LeaseRequest, lease: Optional[int],
                   error: Optional[BaseException]) -> None:

@@ -194,7 +194,7 @@ def request(url: str, op: str, timeout: float = 3.0, **fields: object) -> dict:
     """Send one request to the broker at ``url`` and return its answer. Raises
     TimeoutError if it does not answer, RuntimeError if it refuses. CURVE keys come
     from the environment (see :mod:`poolbroker.security`) for non-loopback tcp."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, f"{op}-{os.getpid()}-{uuid.uuid4().hex}".encode())

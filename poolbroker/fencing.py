@@ -84,7 +84,8 @@ def check_dsn(dsn: str) -> None:
             cur.execute("SELECT current_user, rolsuper OR pg_has_role(current_user, "
                         "'pg_signal_backend', 'MEMBER') FROM pg_roles "
                         "WHERE rolname = current_user")
-            user, allowed = cur.fetchone()
+            row = cur.fetchone()
+            user, allowed = row if row else ("?", False)
     finally:
         conn.close()
     if not allowed:

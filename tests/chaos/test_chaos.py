@@ -1,5 +1,6 @@
 """Chaos: a fleet under load while workers are SIGKILLed, frozen (SIGSTOP) and
-resumed, the broker is killed and restarted, and PostgreSQL restarts.
+resumed, the broker is killed and restarted or frozen for longer than the lease
+TTL, and PostgreSQL restarts.
 
 Checked against the server, not our counters:
 - pg_stat_activity, sampled every 10 ms, never shows more than the budget (fencing on);
@@ -72,7 +73,8 @@ def test_chaos(pg, broker_factory, tmp_path):
                     w.proc.send_signal(signal.SIGCONT)
                     del frozen[w]
             fault = rng.choices(["kill_worker", "freeze_worker", "restart_broker",
-                                 "restart_postgres", "none"], weights=[3, 3, 2, 1, 1])[0]
+                                 "freeze_broker", "restart_postgres", "none"],
+                                weights=[3, 3, 2, 1, 1, 1])[0]
             live = [w for w in fleet if w.proc.poll() is None and w not in frozen]
             if fault == "kill_worker" and live:
                 victim = rng.choice(live)
@@ -88,6 +90,11 @@ def test_chaos(pg, broker_factory, tmp_path):
                 broker.kill(signal.SIGKILL)
                 time.sleep(rng.uniform(0, 1.0))  # the broker stays away a while
                 broker = broker_factory({"default": BUDGET}, ttl=TTL, url=url, extra=extra)
+            elif fault == "freeze_broker":
+                # longer than the TTL: on waking it must expire nobody for it
+                os.kill(broker.pid, signal.SIGSTOP)
+                time.sleep(rng.uniform(1.2 * TTL, 2.5 * TTL))  # the fault is the duration
+                os.kill(broker.pid, signal.SIGCONT)
             elif fault == "restart_postgres":
                 pg.restart()
             else:
@@ -117,7 +124,9 @@ def test_chaos(pg, broker_factory, tmp_path):
               "faults": dict(faults), "max_connections_seen": sampler.max_total,
               "samples": sampler.samples, "committed": len(committed),
               "raised": dict(raised), "lost": len(lost),
-              "leased_at_end": status["pools"]["default"]["leased"]}
+              "leased_at_end": status["pools"]["default"]["leased"],
+              "broker_errors": {k: status.get(k) for k in ("frame_errors", "loop_errors",
+                                                           "fence_errors", "fence_stuck")}}
     print("CHAOS " + json.dumps(report, sort_keys=True))
     with open(os.path.join(os.path.dirname(__file__), "..", "..", ".chaos-report.json"),
               "w") as fh:
@@ -131,3 +140,4 @@ def test_chaos(pg, broker_factory, tmp_path):
     assert sampler.max_total <= BUDGET, report
     assert not lost, f"commits that returned but are not in the table: {sorted(lost)[:5]}"
     assert status["pools"]["default"]["leased"] == 0, report
+    assert status["frame_errors"] == 0 and status["loop_errors"] == 0, report

@@ -251,10 +251,10 @@ class Broker:
                          key=self.ledger.ids.key, scopes=self.ledger.fence_scopes)
 
     def _record_state(self) -> None:
-        outstanding = self.ledger.in_grace or any(pl.leases for pl in self.ledger.pools.values())
-        if (outstanding != self.state.outstanding
-                or len(self.ledger.fence_scopes) != self._scopes_written):
-            self._write_state(outstanding=outstanding, clean_exit=False)
+        # Only new fence scopes need recording while running: whether a crash left
+        # leases outstanding is settled by clean_exit=False, written at start.
+        if len(self.ledger.fence_scopes) != self._scopes_written:
+            self._write_state(outstanding=True, clean_exit=False)
 
     def run(self, on_ready: Optional[Callable[[], None]] = None, *, signals: bool = True) -> None:
         check_endpoint(self.bind, curve=self.curve_secret is not None)
@@ -352,6 +352,7 @@ class Broker:
             if settle:  # after a gap: let libzmq hand over what queued meanwhile
                 wait = min(wait, 0.05)
             events = dict(poller.poll(int(wait * 1000) + 1))
+            self.clock.now()  # notes a gap now (a freeze in poll), before anything expires
             try:
                 settle = self._step(events)
             except Exception:  # a bug in a timer or the fencer hand-off: log, go on

@@ -50,7 +50,6 @@ def default_path(url: str, state_dir: Optional[str] = None) -> str:
 class StateFile:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.outstanding = False
 
     def read(self) -> Optional[Dict[str, Any]]:
         """The previous run's record, None if there is none, {} if unreadable."""
@@ -103,7 +102,6 @@ class StateFile:
     def write(self, *, outstanding: bool, clean_exit: bool, epoch: str, key: bytes,
               scopes: Iterable[Tuple[str, str]] = ()) -> None:
         """Record atomically and durably (temp file, fsync, rename, fsync the dir)."""
-        self.outstanding = outstanding
         data = {"leases_outstanding": outstanding, "clean_exit": clean_exit, "epoch": epoch,
                 "lease_key": key.hex(), "fence_scopes": sorted(map(list, scopes)),
                 "pid": os.getpid(), "written_at": time.time()}

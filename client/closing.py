@@ -110,12 +110,16 @@ class _EofWatcher:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         with self._lock:
-            self._items[fd] = (sock, on_done, time.monotonic() + limit)
             if self._thread is None or self._pid != os.getpid():
+                if self._pid != os.getpid():  # a forked child: those are the parent's
+                    for inherited, _, _ in self._items.values():
+                        inherited.close()
+                    self._items.clear()
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="poolbroker-eof-watcher")
                 self._thread.start()
+            self._items[fd] = (sock, on_done, time.monotonic() + limit)
         self._wake_w.send(b"x")
 
     def _run(self) -> None:

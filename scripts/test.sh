@@ -22,14 +22,16 @@ pytest_ok() {  # pytest's exit code 5 (nothing collected) is a failure here
 .venv/bin/python -m pytest "$@"
 pytest_ok $? || exit 1
 
-find_python() {  # the newest installed CPython X.Y: on PATH, else under pyenv
-    local want=$1 found=""
-    if command -v "python$want" >/dev/null 2>&1; then
-        found=$(command -v "python$want")
-    else
-        for cand in "${PYENV_ROOT:-$HOME/.pyenv}/versions/$want".*/bin/python; do
-            [ -x "$cand" ] && found=$cand
-        done
+find_python() {  # the newest installed CPython X.Y: under pyenv, else on PATH
+    # pyenv's shims are on PATH for every version but run only the selected
+    # ones, so a candidate counts only if it actually starts.
+    local want=$1 found="" cand
+    for cand in "${PYENV_ROOT:-$HOME/.pyenv}/versions/$want".*/bin/python; do
+        [ -x "$cand" ] && "$cand" --version >/dev/null 2>&1 && found=$cand
+    done
+    if [ -z "$found" ] && cand=$(command -v "python$want") \
+        && "$cand" --version >/dev/null 2>&1; then
+        found=$cand
     fi
     [ -n "$found" ] && echo "$found"
 }

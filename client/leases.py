@@ -89,6 +89,7 @@ class LeaseClient:
         self._connected: set = set()  # leases whose connection exists (reported)
         self._lost: set = set()
         self._debt: Dict[str, int] = {}  # pool -> leases the broker wants back
+        self._contended: Dict[str, bool] = {}  # pool -> others wait for leases there
         self._pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -211,6 +212,11 @@ class LeaseClient:
                 self._debt[pool] -= 1
                 return True
             return False
+
+    def contended(self, pool: str) -> bool:
+        """True while the broker says requests wait in ``pool``: connections idle
+        longer than a move costs should go back."""
+        return self._contended.get(pool, False)
 
     def recall_owed(self, pool: str) -> int:
         return self._debt.get(pool, 0)
@@ -366,6 +372,7 @@ class LeaseClient:
             self._connected.clear()
             self._held = []
             self._debt.clear()
+            self._contended.clear()
             self._outbox = []
             self._suspect = False
             self.confirmed.set()
@@ -454,7 +461,7 @@ class LeaseClient:
         elif op == "error":
             self._on_error(msg["rid"], msg["code"], msg["message"])
         elif op == "recall":
-            self._on_recall(msg["pool"], msg["count"])
+            self._on_recall(msg["pool"], msg["count"], msg.get("contended", False))
         elif op == "welcome":
             self._on_welcome(msg)
         elif op == "hb":
@@ -573,10 +580,11 @@ class LeaseClient:
         # a re-hello forfeits grants held across a stall (see _hello): none is trusted
         self._confirm(set())
 
-    def _on_recall(self, pool: str, count: int) -> None:
+    def _on_recall(self, pool: str, count: int, contended: bool) -> None:
         with self._lock:
             self._debt[pool] = count
-        if count:
+            self._contended[pool] = contended
+        if count or contended:
             for owner in list(self._pools):
                 if owner._broker_pool == pool:
                     try:

@@ -8,9 +8,9 @@ connection is here) touches no socket. The cold path asks the broker for a lease
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
+import math
 import os
 import random
 import threading
@@ -162,6 +162,15 @@ class ConnectionPool:
         self._waiting: Deque[_Waiter] = deque()
         self._opening = 0  # leases granted, connection being opened
         self._pending = 0  # lease requests outstanding at the broker
+        # The callers' requests belong to the pool, not to a waiting thread: a
+        # thread served by a returned connection leaves its request to the next
+        # one, so a busy pool sends nothing to the broker in steady state.
+        self._reqs: Dict[int, LeaseRequest] = {}
+        # what moving a lease costs here (a close seen by the server, and getting
+        # one back: the wait for a lease plus the connect), learnt as we go: how
+        # long an idle connection is kept while others wait for one (_hold_idle)
+        self._acquire_s = 0.002
+        self._close_s = 0.0005
         self._closing = 0  # closed, waiting for the server to see it before release
         self._jobs: Deque[_Conn] = deque()  # discarded connections for the janitor to close
         self._janitor: Optional[threading.Thread] = None
@@ -360,38 +369,77 @@ class ConnectionPool:
             return float("inf")
         return self.max_size - (len(self._all) + self._opening + self._pending + self._closing)
 
+    def _needing(self) -> int:
+        """Callers waiting for a connection that have no lease yet."""
+        return sum(1 for w in self._waiting if not w.done)
+
     def _grow_locked(self) -> None:
-        """Ask for leases for waiters that have none, as the local cap allows."""
-        for w in self._waiting:
-            if w.req is not None or w.done:
-                continue
+        """Ask the broker for as many leases as callers wait for, as the local cap
+        allows."""
+        if self._closed:
+            return
+        needing = self._needing()
+        missing = needing - len(self._reqs)
+        if missing <= 0:
+            return
+        now = time.monotonic()
+        # long enough for the caller who will wait longest; those who give up
+        # earlier leave the request to the others (or it is cancelled)
+        left = max((w.deadline for w in self._waiting if not w.done), default=now) - now
+        if left <= 0:
+            return
+        client = self._lease_client()
+        for _ in range(missing):
             if self._capacity_left() <= 0:
                 return
-            left = w.deadline - time.monotonic()
-            if left <= 0:
-                continue
             self._pending += 1
-            w.req = self._lease_client().acquire(
-                self._broker_pool, left, functools.partial(self._on_lease, w))
+            req = client.acquire(self._broker_pool, left, self._on_lease)
+            self._reqs[req.rid] = req
 
-    def _on_lease(self, w: _Waiter, req: LeaseRequest, lease: Optional[int],
-                  error: Optional[BaseException]) -> None:
-        # Runs on the I/O thread: no blocking here.
+    def _trim_locked(self) -> None:
+        """Cancel requests nobody could use: all of them once no caller waits;
+        while some wait, those beyond the waiters plus the connections in use
+        (a returning thread takes its connection back to a waiter and comes back
+        itself at once: a request cancelled then would be asked again)."""
+        needing = self._needing()
+        keep = needing + (len(self._all) - len(self._idle)) if needing else 0
+        excess = len(self._reqs) - keep
+        if excess <= 0:
+            return
+        client = self._lease_client()
+        for rid in sorted(self._reqs, reverse=True)[:excess]:  # the newest go
+            req = self._reqs.pop(rid)
+            if client.cancel(req):
+                self._pending -= 1
+
+    def _on_lease(self, req: LeaseRequest, lease: Optional[int],
+                  error: Optional[BaseException], w: Optional[_Waiter] = None) -> None:
+        """A pool request (or ``w``'s own, for min_size) was answered. Runs on the
+        I/O thread: no blocking here."""
         spare = None
         with self._lock:
             self._pending -= 1
-            if w.req is req:
+            self._reqs.pop(req.rid, None)
+            if w is not None and w.req is req:
                 w.req = None
             if error is not None:
-                if not w.done:
-                    self._unqueue(w)
-                    self._fail_locked(w, error)
+                # the broker gave up on this request; a timeout is each caller's
+                # own to report, anything else (unknown pool, draining) goes to
+                # the longest waiting caller (or the warm-up waiter)
+                timed_out = isinstance(error, BrokerError) and error.code == "timeout"
+                target = w if w is not None and not w.done else None
+                if target is None and not timed_out:
+                    target = next((x for x in self._waiting if not x.done), None)
+                if target is not None:
+                    self._unqueue(target)
+                    self._fail_locked(target, error)
                 self._grow_locked()
                 return
             target = None
             if not self._closed:
-                # If this waiter was served meanwhile, the lease serves the next one.
-                target = w if not w.done else next(iter(self._waiting), None)
+                # the longest waiting caller (or w, if still waiting)
+                target = w if w is not None and not w.done else \
+                    next((x for x in self._waiting if not x.done), None)
             if target is None:
                 spare = lease
             else:
@@ -403,6 +451,7 @@ class ConnectionPool:
                 target.done = True
                 self._opening += 1
                 target.event.set()
+                self._trim_locked()
         if spare is not None:
             self._lease_client().release(spare)
 
@@ -416,7 +465,7 @@ class ConnectionPool:
             if not w.done:
                 w.done = True
                 self._waiting.remove(w)
-                self._cancel_req_locked(w)
+                self._trim_locked()
                 self._stats["requests_errors"] += 1
                 self._stats["requests_wait_ms"] += (time.monotonic() - start) * 1000
                 message = self._timeout_message(timeout)
@@ -434,7 +483,10 @@ class ConnectionPool:
                                   f"{self._where()}: {w.error}")
             raise w.error
         assert w.lease is not None
-        return self._open_leased(w.lease, w.deadline, for_caller=True, granted_at=w.granted_at)
+        conn = self._open_leased(w.lease, w.deadline, for_caller=True, granted_at=w.granted_at)
+        # what getting a slot here costs (wait for the lease + connect): a moving average
+        self._acquire_s += (time.monotonic() - start - self._acquire_s) / 8
+        return conn
 
     def _timeout_message(self, timeout: float) -> str:
         client = self._lease_client()
@@ -460,6 +512,7 @@ class ConnectionPool:
         w.error = error
         w.done = True
         self._cancel_req_locked(w)
+        self._trim_locked()
         w.event.set()
 
     # ----------------------------------------------------------------- connecting
@@ -583,13 +636,18 @@ class ConnectionPool:
                     w = self._waiting.popleft()
                     if w.done:
                         continue
-                    self._cancel_req_locked(w)
                     c.in_use = True
                     w.conn = c
                     w.done = True
                     w.event.set()
+                    self._trim_locked()
                     return
                 self._idle.append(c)
+                if self._contended():
+                    # others wait for a slot: the janitor gives this one back if
+                    # nobody here takes it within what a move costs
+                    self._start_janitor_locked()
+                    self._cond.notify_all()
         if closed:
             self._discard(c, "pool closed")
 
@@ -616,7 +674,10 @@ class ConnectionPool:
         """Close ``conns`` (already out of ``_all`` and counted in ``_closing``), wait
         until the server has seen them go, then give their leases back."""
         client = self._lease_client()
+        t0 = time.monotonic()
         late = closing.close_and_wait([(c.conn, c.fd) for c in conns], self.close_timeout)
+        if not late:  # what a move costs here, for _hold_idle (a moving average)
+            self._close_s += ((time.monotonic() - t0) / len(conns) - self._close_s) / 8
         for i, c in enumerate(conns):
             _give_lease_back(client, c.lease, c.fd if i in late else None)
         with self._lock:
@@ -629,10 +690,50 @@ class ConnectionPool:
     def _idle_count(self) -> Tuple[str, int]:
         return self._broker_pool, len(self._idle)
 
+    def _contended(self) -> bool:
+        client = self._client
+        return client is not None and client.contended(self._broker_pool)
+
+    def _hold_idle(self) -> float:
+        """How long an idle connection is kept while others wait for a slot.
+
+        Rent or buy: keeping it costs its slot for as long as it sits idle;
+        giving it back costs a move away (a close the server sees) and, if it is
+        wanted here again, a move back (waiting for a lease, then a connect).
+        Keeping it for as long as that round trip costs, then giving it back,
+        never costs more than twice the best choice made knowing the future (the
+        ski-rental bound), and needs no tuning: both costs are measured here, as
+        this pool's own closes and cold getconns take. The floor, HOLD_IDLE_FLOOR,
+        covers what this side cannot see: the taker's connect, and the CPU every
+        connect costs a small machine (see docs/lease-policy.md)."""
+        return min(1.0, max(HOLD_IDLE_FLOOR, 2 * (self._acquire_s + self._close_s)))
+
+    def _yield_due_locked(self, now: float) -> Tuple[List[_Conn], float]:
+        """Idle connections above min_size that sat longer than :meth:`_hold_idle`
+        while others wait (taken out of the pool), and when the next falls due."""
+        if not self._idle or not self._contended():
+            return [], math.inf
+        hold = self._hold_idle()
+        spare = len(self._all) - self.min_size
+        out: List[_Conn] = []
+        while self._idle and spare > 0 and now - self._idle[0].returned >= hold:
+            c = self._idle.popleft()  # the one idle longest
+            del self._all[id(c.conn)]
+            self._closing += 1
+            self._stats["leases_yielded"] += 1
+            out.append(c)
+            spare -= 1
+        due = self._idle[0].returned + hold if self._idle and spare > 0 else math.inf
+        return out, due
+
     def _on_recall(self) -> None:
-        """The broker wants leases back: give idle connections first (I/O thread)."""
+        """The broker wants leases back (give idle connections first), or says
+        others wait (the janitor gives back what stays idle). I/O thread."""
         client = self._lease_client()
         with self._lock:
+            if self._idle and client.contended(self._broker_pool):
+                self._start_janitor_locked()
+                self._cond.notify_all()
             while self._idle and client.recall_owed(self._broker_pool) > 0:
                 if not client.take_recall(self._broker_pool):
                     break
@@ -676,12 +777,18 @@ class ConnectionPool:
             self._janitor.start()
 
     def _janitor_loop(self) -> None:
-        """Close discarded connections, expire idle and old ones, keep min_size."""
+        """Close discarded connections, give back those idle while others wait,
+        expire idle and old ones, keep min_size."""
         next_check = 0.0
         while True:
             with self._cond:
-                while not self._jobs and not (self._closed and not self._warming):
-                    left = next_check - time.monotonic()
+                while True:
+                    now = time.monotonic()
+                    yielded, due = self._yield_due_locked(now)
+                    self._jobs.extend(yielded)
+                    if self._jobs or (self._closed and not self._warming):
+                        break
+                    left = min(next_check, due) - now
                     if left <= 0:
                         break
                     self._cond.wait(left)
@@ -731,7 +838,7 @@ class ConnectionPool:
             self._pending += 1
             w.req = self._lease_client().acquire(
                 self._broker_pool, self.timeout,
-                lambda req, lease, err: self._on_lease(w, req, lease, err))
+                lambda req, lease, err: self._on_lease(req, lease, err, w))
         w.event.wait(self.timeout)
         with self._lock:
             if not w.done:  # a grant arriving later goes to a caller or back
@@ -846,8 +953,13 @@ class ConnectionPool:
 # finalizes them (their descriptors already point at a dead socket).
 _inherited_graveyard: List[Any] = []
 
+HOLD_IDLE_FLOOR = 0.1
 _RECALLED = "recalled by the broker"
-_ROUTINE = {"max_lifetime reached", "idle for max_idle", _RECALLED,
+# The least time an idle connection is kept while others wait for a slot. On the
+# 2-core development machine a move cost 15-30 ms of slot time under load, and
+# processes that gave idle connections back after 5 ms lost throughput to the
+# moves (bench/fleet.py, skewed load: 1,971 tx/s yielding vs 2,219 keeping).
+_ROUTINE = {"max_lifetime reached", "idle while others wait", "idle for max_idle", _RECALLED,
             "pool closed", "process exit", "lease expired at the broker",
             "pool closed while connecting", "putconn(close=True)",
             "idle_timeout=0 and minconn idle already"}
@@ -855,5 +967,5 @@ _ROUTINE = {"max_lifetime reached", "idle for max_idle", _RECALLED,
 _STAT_COUNTERS = (
     "requests_num", "requests_queued", "requests_wait_ms", "requests_errors",
     "returns_bad", "connections_num", "connections_ms", "connections_errors",
-    "connections_closed", "leases_recalled", "leases_lost",
+    "connections_closed", "leases_recalled", "leases_yielded", "leases_lost",
 )

@@ -6,12 +6,22 @@ shell that feeds it frames and timer ticks. This is where every rule lives:
 
 * **grant**: a pool never has more than ``max`` leases;
 * **queue**: requests that cannot be granted wait (FIFO, with the caller's deadline);
-* **fair share**: ``max`` divided among the clients that currently hold or want
-  leases. When a slot frees, the oldest waiter whose client is below its share goes
-  first; only if there is none does plain FIFO apply. Pure FIFO starves, because a
-  process that holds leases keeps handing connections to its own threads;
-* **recall**: while someone waits, idle leases elsewhere are asked back, and holders
-  above their share are asked to return one instead of keeping it warm;
+* **fair share**: shares follow *demand* (connections in use plus requests
+  waiting), divided by water-filling: a client that wants less than an equal
+  share gets all it wants, the rest split the remainder equally (the *level*).
+  A waiter whose client holds less than its entitlement rounded down is
+  *starved* and goes first when a slot frees;
+* **recall**: only for starved waiters: idle connections first, then clients
+  holding more than their entitlement rounded *up* return one when a connection
+  comes back instead of reusing it. The gap between the two roundings is the
+  hysteresis: a client that gives a lease back is never starved by it, so a
+  lease does not ping-pong, and when everyone wants at least an equal share
+  nothing moves at all;
+* **contention**: while requests wait, clients are told the pool is
+  *contended*; they give back connections that stay idle longer than a move
+  costs (see ``docs/lease-policy.md``). The flag lingers ``CONTENTION_LINGER``
+  seconds after the queue empties, so a queue that empties and refills does not
+  cost a message per client each time;
 * **expire**: a client not heard from for ``ttl`` seconds loses its leases and its
   queued requests; a waiter past its deadline gets a ``timeout`` error;
 * **cancel**: a request nobody waits for any more leaves the queue.
@@ -33,6 +43,9 @@ log = logging.getLogger("poolbroker")
 
 ClientId = bytes
 Out = Tuple[ClientId, str, Dict[str, Any]]
+
+#: Seconds a pool stays contended after its queue has emptied.
+CONTENTION_LINGER = 1.0
 
 
 @dataclass
@@ -80,6 +93,7 @@ class Client:
     granted: Dict[int, int] = field(default_factory=dict)  # rid -> lease id (idempotency)
     idle: Dict[str, int] = field(default_factory=dict)  # as last reported
     recall: Dict[str, int] = field(default_factory=dict)  # pool -> leases asked back
+    contended: Dict[str, bool] = field(default_factory=dict)  # pool -> as last told
 
     def held(self, pool: str) -> int:
         return sum(1 for lease in self.leases.values() if lease.pool == pool)
@@ -97,6 +111,45 @@ class Pool:
     leases: Dict[int, Lease] = field(default_factory=dict)
     # FIFO of waiters keyed by (client, rid); OrderedDict gives O(1) removal.
     queue: "OrderedDict[Tuple[ClientId, int], Waiter]" = field(default_factory=OrderedDict)
+    contended: bool = False  # requests wait (or did, less than CONTENTION_LINGER ago)
+    quiet_since: Optional[float] = None  # when the queue last emptied while contended
+
+
+@dataclass
+class Demand:
+    """What one client holds and wants in one pool."""
+
+    held: int = 0
+    waiting: int = 0
+    idle: int = 0  # idle connections it reported (a hint, at most held)
+
+    @property
+    def want(self) -> int:
+        """Connections in use plus requests waiting."""
+        return self.held - self.idle + self.waiting
+
+
+def water_level(wants: List[int], capacity: int) -> float:
+    """The level L at which ``sum(min(w, L) for w in wants) == capacity`` (max-min
+    fairness); infinity when every want fits."""
+    if sum(wants) <= capacity:
+        return math.inf
+    remaining = float(capacity)
+    ordered = sorted(wants)
+    for i, want in enumerate(ordered):
+        others = len(ordered) - i
+        if want * others >= remaining:
+            return remaining / others
+        remaining -= want
+    return math.inf  # not reached: the wants exceed the capacity
+
+
+def entitled(demand: Demand, level: float) -> Tuple[int, int]:
+    """A client's entitlement at ``level``, rounded down and up: below the first
+    its waiters are starved; above the second it gives leases back."""
+    if level == math.inf:
+        return demand.want, demand.want
+    return min(demand.want, math.floor(level)), min(demand.want, math.ceil(level))
 
 
 class Ledger:
@@ -290,6 +343,9 @@ class Ledger:
         if len(client.waiting) >= self.max_waiting_per_client:
             return [self._error(cid, rid, p.E_TOO_MANY_REQUESTS,
                                 f"client already has {len(client.waiting)} queued requests")]
+        # a client that asks has no idle connection there (it would use it)
+        if client.idle.get(pool):
+            client.idle[pool] = 0
         waiter = Waiter(cid, rid, pool, now + timeout, now)
         client.waiting[rid] = waiter
         self.pools[pool].queue[(cid, rid)] = waiter
@@ -462,13 +518,15 @@ class Ledger:
             touched.add(lease.pool)
         for name in touched:
             outs += self._rebalance(name, now)
-        return outs
+        return outs + self._settle(now)
 
     def next_deadline(self) -> Optional[float]:
         """The earliest time at which :meth:`tick` has something to do."""
         times = [w.deadline for pool in self.pools.values() for w in pool.queue.values()]
         times += [c.last_seen + self.ttl for c in self.clients.values()]
         times += [lease.held_until for lease in self.unconfirmed.values()]
+        times += [pool.quiet_since + CONTENTION_LINGER for pool in self.pools.values()
+                  if pool.contended and pool.quiet_since is not None]
         if self._in_grace and not self._sweeping:
             times.append(self.grace_until)
         return min(times) if times else None
@@ -592,19 +650,30 @@ class Ledger:
             outs += self._rebalance(name, now)
         return outs
 
-    def _active(self, pool: Pool) -> Dict[ClientId, Tuple[int, int]]:
-        """Clients that hold or want leases in ``pool``: id -> (held, waiting)."""
-        active: Dict[ClientId, List[int]] = {}
+    def demands(self, pool_name: str) -> Dict[ClientId, Demand]:
+        """Clients that hold or want leases in ``pool_name``, with their demand."""
+        pool = self.pools[pool_name]
+        out: Dict[ClientId, Demand] = {}
         for lease in pool.leases.values():
             if lease.owned:
-                active.setdefault(lease.client, [0, 0])[0] += 1
+                d = out.get(lease.client)
+                if d is None:
+                    d = out[lease.client] = Demand()
+                d.held += 1
         for waiter in pool.queue.values():
-            active.setdefault(waiter.client, [0, 0])[1] += 1
-        return {k: (v[0], v[1]) for k, v in active.items()}
+            d = out.get(waiter.client)
+            if d is None:
+                d = out[waiter.client] = Demand()
+            d.waiting += 1
+        for cid, d in out.items():
+            d.idle = min(d.held, self.clients[cid].idle.get(pool_name, 0))
+        return out
 
-    def share(self, pool_name: str) -> float:
-        pool = self.pools[pool_name]
-        return pool.max / max(1, len(self._active(pool)))
+    def level(self, pool_name: str) -> float:
+        """The pool's water level: what a client wanting more than it is entitled
+        to (infinity when every want fits)."""
+        return water_level([d.want for d in self.demands(pool_name).values()],
+                           self.pools[pool_name].max)
 
     def _rebalance(self, pool_name: str, now: float) -> List[Out]:
         """Grant what fits, then decide who should give leases back."""
@@ -623,12 +692,30 @@ class Ledger:
             client.leases[lease.id] = lease
             client.granted[waiter.rid] = lease.id
             outs.append((client.id, "grant", self._grant_fields(lease)))
+        if pool.queue:
+            pool.contended, pool.quiet_since = True, None
+        elif pool.contended and pool.quiet_since is None:
+            pool.quiet_since = now
         wanted = self._recall_targets(pool)
         for client in self.clients.values():
             target = wanted.get(client.id, 0)
-            if client.recall.get(pool.name, 0) != target:
+            contended = pool.contended
+            if (client.recall.get(pool.name, 0) != target
+                    or client.contended.get(pool.name, False) != contended):
                 client.recall[pool.name] = target
-                outs.append((client.id, "recall", {"pool": pool.name, "count": target}))
+                client.contended[pool.name] = contended
+                outs.append((client.id, "recall",
+                             {"pool": pool.name, "count": target, "contended": contended}))
+        return outs
+
+    def _settle(self, now: float) -> List[Out]:
+        """Clear the contended flag of pools whose queue stayed empty long enough."""
+        outs: List[Out] = []
+        for pool in self.pools.values():
+            if (pool.contended and not pool.queue and pool.quiet_since is not None
+                    and now >= pool.quiet_since + CONTENTION_LINGER):
+                pool.contended, pool.quiet_since = False, None
+                outs += self._rebalance(pool.name, now)
         return outs
 
     def _id_in_use(self, lease_id: int) -> bool:
@@ -636,22 +723,34 @@ class Ledger:
                 or any(lease_id in pl.leases for pl in self.pools.values()))
 
     def _pick(self, pool: Pool) -> Waiter:
-        """Fair share: the oldest waiter whose client is below its share, else FIFO."""
-        active = self._active(pool)
-        share = pool.max / max(1, len(active))
+        """The oldest waiter whose client is starved (holds less than its
+        entitlement rounded down), else the oldest whose client holds less than
+        its entitlement rounded up, else the oldest (so a slot freed in a
+        balanced pool stays where it keeps the balance, and moves nothing)."""
+        demands = self.demands(pool.name)
+        level = water_level([d.want for d in demands.values()], pool.max)
+        below_ceiling = None
         for waiter in pool.queue.values():
-            if active[waiter.client][0] < share:
+            d = demands[waiter.client]
+            floor, ceiling = entitled(d, level)
+            if d.held < floor:
                 return waiter
-        return next(iter(pool.queue.values()))
+            if below_ceiling is None and d.held < ceiling:
+                below_ceiling = waiter
+        return below_ceiling or next(iter(pool.queue.values()))
 
     def _recall_targets(self, pool: Pool) -> Dict[ClientId, int]:
-        """How many leases to ask back from each client so the queue can move.
+        """How many leases to ask back from each client, so that starved waiters
+        (clients below their entitlement rounded down) get theirs.
 
-        First idle connections (cheap: closing an idle connection costs nobody
-        anything). Then, if some waiter's
-        client is below its fair share, the surplus of clients above their share:
-        they return a lease when a connection comes back instead of reusing it.
-        A pool over its max (the budget shrank) recalls the excess the same way.
+        Sources, cheapest first: idle connections (closing one costs nobody
+        anything; a client that waits while reporting idle ones runs several local
+        pools on this budget, and only a recall moves them), then clients above
+        their entitlement rounded up: they return a lease when a connection comes
+        back instead of reusing it. Nobody is asked to go below that, so whoever
+        gives a lease back is not starved by it (no ping-pong), and when every
+        client wants at least an equal share nothing is recalled at all. A pool
+        over its max (the budget shrank) recalls the excess the same way.
         """
         if pool.draining:  # everything back: idle at once, busy ones when returned
             return {lease.client: self.clients[lease.client].held(pool.name)
@@ -659,40 +758,50 @@ class Ledger:
         excess = len(pool.leases) - pool.max
         if not pool.queue and excess <= 0:
             return {}
-        active = self._active(pool)
-        share = pool.max / max(1, len(active))
-        need = len(pool.queue) + max(0, excess)
+        demands = self.demands(pool.name)
+        level = water_level([d.want for d in demands.values()], pool.max)
+        bounds = {cid: entitled(d, level) for cid, d in demands.items()}
+        # below the entitlement rounded down: starved; below it rounded up: owed
+        # a lease by anyone above theirs rounded up (with fewer slots than
+        # clients, rounded down is 0 for everyone: this keeps the queue moving)
+        starved = sum(min(d.waiting, bounds[cid][0] - d.held)
+                      for cid, d in demands.items() if d.waiting and d.held < bounds[cid][0])
+        owed = sum(min(d.waiting, bounds[cid][1] - d.held)
+                   for cid, d in demands.items() if d.waiting and d.held < bounds[cid][1])
         targets: Dict[ClientId, int] = {}
 
-        # 1. idle connections, wherever they are. A client that waits and yet
-        # reports idle connections has several local pools on this budget: one
-        # waits while another keeps connections warm, and only a recall moves them.
-        idle_holders = sorted(
-            ((cid, min(held, self.clients[cid].idle.get(pool.name, 0)))
-             for cid, (held, waiting) in active.items() if held),
-            key=lambda item: -item[1])
-        for cid, idle in idle_holders:
-            take = min(idle, need)
-            if take > 0:
-                targets[cid] = take
-                need -= take
+        def take(cid: ClientId, most: int, need: int) -> int:
+            n = min(most - targets.get(cid, 0), need)
+            if n > 0:
+                targets[cid] = targets.get(cid, 0) + n
+                return need - n
+            return need
 
-        # 2. holders above their fair share, as far as below-share waiters need
-        fair_need = sum(
-            min(waiting, math.ceil(share - held))
-            for held, waiting in active.values() if waiting and held < share)
-        fair_need = max(fair_need, max(0, excess))
-        fair_need = min(need, fair_need - sum(targets.values()))
-        if fair_need > 0:
-            above = sorted(
-                ((cid, held - targets.get(cid, 0) - math.floor(share))
-                 for cid, (held, _) in active.items() if held > share),
-                key=lambda item: -item[1])
+        # a client's own idle connections serve its own waiters
+        for cid, d in demands.items():
+            if d.waiting and d.idle:
+                take(cid, min(d.idle, d.waiting), d.waiting)
+        own = sum(targets.values())
+        need = max(owed, excess)
+        # 1. idle connections of clients that are not starved, the most idle first
+        for cid, d in sorted(demands.items(), key=lambda item: -item[1].idle):
+            if need <= 0:
+                break
+            if d.idle and d.held >= bounds[cid][0]:
+                need = take(cid, d.idle, need)
+        # 2. above the entitlement rounded up; then, for the starved (and to shed
+        # an excess) only, above it rounded down: a giver keeps at least that
+        # much, so giving never starves it
+        for rounding in (1, 0):
+            if rounding == 0:
+                need = max(starved, excess) - (sum(targets.values()) - own)
+            above = sorted(((cid, d.held - bounds[cid][rounding])
+                            for cid, d in demands.items() if d.held > bounds[cid][rounding]),
+                           key=lambda item: -item[1])
             for cid, surplus in above:
-                take = min(surplus, fair_need)
-                if take > 0:
-                    targets[cid] = targets.get(cid, 0) + take
-                    fair_need -= take
+                if need <= 0:
+                    break
+                need = take(cid, surplus, need)
         return targets
 
     # ------------------------------------------------------------------ views
@@ -713,6 +822,7 @@ class Ledger:
                 "idle": idle,
                 "busy": len(pool.leases) - idle,
                 "waiting": len(pool.queue),
+                "contended": pool.contended,
             }
         clients = []
         for client in self.clients.values():

@@ -37,7 +37,9 @@ grant       ``rid`` int, ``pool`` str, ``lease`` int, ``seq`` int (this broker
             run's grant counter: a client echoes the highest it has seen)
 error       ``rid`` int or nil, ``code`` str, ``message`` str
 recall      ``pool`` str, ``count`` int: how many leases the broker wants back
-            from this client in that pool (a target, not an increment)
+            from this client in that pool (a target, not an increment);
+            ``contended`` bool (optional): requests wait in that pool, so
+            connections idle longer than a move costs should go back
 hb          ``epoch`` str, ``unknown`` list of lease ids the broker does not
             know (expired or lost): the client must stop using them
 status      ``rid`` int, ``data`` map (see :mod:`poolbroker.ledger` snapshot)
@@ -192,6 +194,7 @@ OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint},
     "release": {"unconfirmed": _bool},
     "grant": {"seq": _uint},  # broker -> client
+    "recall": {"contended": _bool},  # broker -> client
 }
 
 BROKER_OPS: dict[str, dict[str, Any]] = {

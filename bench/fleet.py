@@ -1,0 +1,522 @@
+"""Fleet benchmark: one connection budget, several processes, three ways to share it.
+
+    python -m bench.fleet [--seconds 8] [--budget 8] [--processes 4] [--threads 12]
+
+Each mode runs the same fleet against its own database of one throwaway cluster, so
+``pg_stat_activity`` tells the modes apart:
+
+- **static**: ``psycopg2.pool.ThreadedConnectionPool(B/P, B/P)`` in each process;
+- **pgbouncer**: transaction mode, pool size B, one client connection per thread
+  (installed with ``apt-get install pgbouncer`` when missing and possible; skipped
+  with a note otherwise);
+- **poolbroker**: ``poolbroker_client.ConnectionPool`` in each process, leasing from
+  one broker with budget B.
+
+Loads: **uniform** (P processes x T threads, every thread flat out) and **skewed**
+(process 0: T threads flat out; the others: one thread with 50 ms of think time
+between transactions). A transaction is ``SELECT pg_sleep(0.002)`` inside
+``with conn:`` (BEGIN, the query, COMMIT).
+
+Per mode: tx/s; budget utilisation (tx/s divided by B / 2 ms); p50/p99 wait for a
+connection (light processes apart in the skewed load; for PgBouncer the wait is
+inside the query, so its transaction latency is shown instead); connects/s (server
+side: ``pg_stat_database.sessions``); recalls/s (poolbroker's clients); the most
+server connections seen (``pg_stat_activity``, sampled every 10 ms). Writes a
+Markdown table and a PNG chart (matplotlib, the ``bench`` extra). Not a test:
+nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional
+
+import psycopg2
+import psycopg2.pool
+
+from devtools.pgcluster import PgCluster, free_port
+
+QUERY = "SELECT pg_sleep(0.002)"
+QUERY_S = 0.002
+THINK_S = 0.050
+MODES = ("static", "pgbouncer", "poolbroker")
+LOADS = ("uniform", "skewed")
+
+
+# ---------------------------------------------------------------------- worker side
+
+def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """One process of the fleet: ``threads`` threads run transactions from
+    ``start`` to ``end`` (epoch seconds); figures count from ``window`` on."""
+    mode, dsn, threads, think = spec["mode"], spec["dsn"], spec["threads"], spec["think"]
+    pool: Any = None
+    conns: List[Any] = []
+    if mode == "static":
+        # psycopg2's pools raise when exhausted instead of waiting: a semaphore
+        # makes the threads queue for the B/P connections, as any real use would
+        pool = psycopg2.pool.ThreadedConnectionPool(spec["share"], spec["share"], dsn)
+        slots = threading.BoundedSemaphore(spec["share"])
+    elif mode == "poolbroker":
+        from poolbroker_client import ConnectionPool
+
+        pool = ConnectionPool(dsn, broker=spec["broker"], timeout=60)
+    else:  # pgbouncer: one client connection per thread
+        conns = [psycopg2.connect(dsn) for _ in range(threads)]
+    print("ready", flush=True)
+    go = json.loads(sys.stdin.readline())
+    window, end = go["window"], go["end"]
+    waits: List[List[float]] = [[] for _ in range(threads)]
+    latencies: List[List[float]] = [[] for _ in range(threads)]
+    errors: List[str] = []
+
+    def run(i: int) -> None:
+        wall_offset = time.time() - time.perf_counter()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                if t0 + wall_offset >= end:
+                    return
+                if mode == "pgbouncer":
+                    conn = conns[i]
+                elif mode == "static":
+                    slots.acquire()
+                    conn = pool.getconn()
+                else:
+                    conn = pool.getconn()
+                t1 = time.perf_counter()
+                with conn:
+                    with conn.cursor() as cur:
+                        cur.execute(QUERY)
+                if mode != "pgbouncer":
+                    pool.putconn(conn)
+                if mode == "static":
+                    slots.release()
+                t2 = time.perf_counter()
+                if t0 + wall_offset >= window and t2 + wall_offset <= end:
+                    waits[i].append(t1 - t0)
+                    latencies[i].append(t2 - t0)
+                if think:
+                    time.sleep(think)
+        except Exception as exc:  # reported, not hidden: a fleet run with errors is void
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    time.sleep(max(0.0, go["start"] - time.time()))
+    for t in workers:
+        t.start()
+    stats: Dict[str, Any] = {}
+    if mode == "poolbroker":
+        time.sleep(max(0.0, window - time.time()))
+        pool.pop_stats()  # count from the window on
+    for t in workers:
+        t.join()
+    if mode == "poolbroker":
+        stats = pool.get_stats()
+        pool.close()
+    elif mode == "static":
+        pool.closeall()
+    for conn in conns:
+        conn.close()
+    return {"waits": [w for ws in waits for w in ws],
+            "latencies": [x for xs in latencies for x in xs],
+            "stats": stats, "errors": errors[:5]}
+
+
+# ---------------------------------------------------------------------- PgBouncer
+
+class PgBouncer:
+    """A throwaway PgBouncer in transaction mode in front of one database."""
+
+    def __init__(self, pg: PgCluster, dbname: str, pool_size: int) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="pb-bouncer-", dir="/tmp")
+        os.chmod(self.dir, 0o755)
+        conf = f"""[databases]
+{dbname} = host=127.0.0.1 port={pg.port} dbname={dbname} user=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.dir}/users.txt
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_db_connections = {pool_size}
+max_client_conn = 1000
+logfile = {self.dir}/log
+pidfile = {self.dir}/pid
+"""
+        with open(os.path.join(self.dir, "pgbouncer.ini"), "w") as fh:
+            fh.write(conf)
+        with open(os.path.join(self.dir, "users.txt"), "w") as fh:
+            fh.write('"postgres" ""\n')
+        cmd = [pgbouncer_binary() or "pgbouncer", os.path.join(self.dir, "pgbouncer.ini")]
+        if os.geteuid() == 0:  # it refuses to run as root
+            pw = pwd.getpwnam("postgres")
+            for name in os.listdir(self.dir):
+                os.chown(os.path.join(self.dir, name), pw.pw_uid, pw.pw_gid)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            cmd = ["runuser", "-u", "postgres", "--"] + cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                psycopg2.connect(self.dsn, connect_timeout=2).close()
+                return
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("PgBouncer did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pgbouncer_binary() -> Optional[str]:
+    return shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
+
+
+def ensure_pgbouncer() -> Optional[str]:
+    """PgBouncer's binary, installing Debian's package if we can; else None and why."""
+    if pgbouncer_binary():
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "pgbouncer is not installed (and apt-get is not available to root here)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    print("installing pgbouncer (apt-get install pgbouncer) ...", flush=True)
+    result = subprocess.run(["apt-get", "install", "-y", "-q", "pgbouncer"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode != 0 or not pgbouncer_binary():
+        return "apt-get install pgbouncer failed: " + result.stdout.strip()[-300:]
+    return None
+
+
+# ---------------------------------------------------------------------- parent side
+
+class ServerCounter:
+    """The most client backends seen on one database, sampled every 10 ms."""
+
+    def __init__(self, dsn: str, dbname: str) -> None:
+        self.dsn, self.dbname = dsn, dbname
+        self.max = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not self._stop.is_set():
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                            "AND backend_type = 'client backend'", (self.dbname,))
+                row = cur.fetchone()
+                self.max = max(self.max, row[0] if row else 0)
+                self.samples += 1
+                self._stop.wait(0.01)
+        conn.close()
+
+    def __enter__(self) -> "ServerCounter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def sessions(admin_dsn: str, dbname: str) -> int:
+    """Sessions ever established to ``dbname`` (the server's own count)."""
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (dbname,))
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+def percentile(values: List[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args: Any,
+              broker: Optional[str], broker_pid: int = 0) -> Dict[str, Any]:
+    specs = []
+    for i in range(args.processes):
+        light = load == "skewed" and i > 0
+        specs.append({"mode": mode, "dsn": dsn, "broker": broker,
+                      "share": args.budget // args.processes,
+                      "threads": 1 if light else args.threads,
+                      "think": THINK_S if light else 0.0, "light": light})
+    procs = []
+    for spec in specs:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.fleet", "--worker", json.dumps(spec)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"{mode}/{load}: a worker did not start: {line!r}")
+    start = time.time() + 0.3
+    window = start + args.warmup
+    end = window + args.seconds
+    with ServerCounter(admin_dsn, dbname) as counter:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"start": start, "window": window, "end": end}) + "\n")
+            proc.stdin.flush()
+        time.sleep(max(0.0, window - time.time()))
+        sessions_before = sessions(admin_dsn, dbname)
+        cpu_before = cpu_seconds(broker_pid) if broker_pid else float("nan")
+        time.sleep(max(0.0, end - time.time()))
+        cpu_after = cpu_seconds(broker_pid) if broker_pid else float("nan")
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=args.seconds + args.warmup + 120)
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    time.sleep(0.5)  # exited backends report their sessions
+    connects = sessions(admin_dsn, dbname) - sessions_before
+    errors = [e for r in results for e in r["errors"]]
+    heavy = [r for r, s in zip(results, specs) if not s["light"]]
+    light = [r for r, s in zip(results, specs) if s["light"]]
+    tx = sum(len(r["latencies"]) for r in results)
+    row: Dict[str, Any] = {
+        "mode": mode, "load": load, "tx": tx, "tx_s": tx / args.seconds,
+        "utilisation": tx / args.seconds / (args.budget / QUERY_S),
+        "max_server": counter.max, "samples": counter.samples,
+        "connects_s": connects / args.seconds,
+        "recalls_s": sum(r["stats"].get("leases_recalled", 0) for r in results) / args.seconds,
+        # idle connections given back because others waited (the client's choice)
+        "yields_s": sum(r["stats"].get("leases_yielded", 0) for r in results) / args.seconds,
+        "broker_cpu": (cpu_after - cpu_before) / args.seconds,
+        "errors": errors,
+    }
+    for label, group in (("", heavy), ("light_", light)):
+        if not group:
+            continue
+        waits = [w for r in group for w in r["waits"]]
+        lat = [x for r in group for x in r["latencies"]]
+        row[label + "wait_p50_ms"] = percentile(waits, 0.50) * 1000
+        row[label + "wait_p99_ms"] = percentile(waits, 0.99) * 1000
+        row[label + "lat_p50_ms"] = percentile(lat, 0.50) * 1000
+        row[label + "lat_p99_ms"] = percentile(lat, 0.99) * 1000
+        row[label + "tx"] = len(lat)
+    return row
+
+
+def start_broker(url: str, budget: int) -> subprocess.Popen:
+    from poolbroker.cli import query_status
+
+    proc = subprocess.Popen([sys.executable, "-m", "poolbroker", "serve", "--bind", url,
+                             "--pool", f"default={budget}", "--log-level", "WARNING",
+                             "--grace", "0"])
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            query_status(url, 0.5)
+            return proc
+        except TimeoutError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the broker did not start") from None
+
+
+def fmt(value: Any, spec: str = ".0f") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return format(value, spec)
+
+
+def table(rows: List[Dict[str, Any]], budget: int) -> str:
+    lines = []
+    for load in LOADS:
+        group = [r for r in rows if r["load"] == load]
+        if not group:
+            continue
+        base = {r["mode"]: r["tx_s"] for r in group}
+        lines.append(f"\n**{load}**\n")
+        head = ("| mode | tx/s | utilisation | vs static | vs PgBouncer | wait p50/p99 ms "
+                "| tx latency p50/p99 ms |")
+        if load == "skewed":
+            head += " light: wait p99 ms | light: tx latency p99 ms |"
+        head += f" connects/s | recalls + yields /s | max server conns (B={budget}) |"
+        lines.append(head)
+        lines.append("|" + "---|" * (head.count("|") - 1))
+        for r in group:
+            vs_static = r["tx_s"] / base["static"] if base.get("static") else None
+            vs_bouncer = r["tx_s"] / base["pgbouncer"] if base.get("pgbouncer") else None
+            wait = ("in the query" if r["mode"] == "pgbouncer"
+                    else f"{fmt(r.get('wait_p50_ms'), '.2f')} / {fmt(r.get('wait_p99_ms'), '.2f')}")
+            cells = [r["mode"], fmt(r["tx_s"]), fmt(r["utilisation"], ".2f"),
+                     fmt(vs_static, ".2f") + "x", fmt(vs_bouncer, ".2f") + "x", wait,
+                     f"{fmt(r.get('lat_p50_ms'), '.2f')} / {fmt(r.get('lat_p99_ms'), '.2f')}"]
+            if load == "skewed":
+                cells.append("in the query" if r["mode"] == "pgbouncer"
+                             else fmt(r.get("light_wait_p99_ms"), ".2f"))
+                cells.append(fmt(r.get("light_lat_p99_ms"), ".2f"))
+            cells += [fmt(r["connects_s"], ".1f"),
+                      f"{fmt(r['recalls_s'], '.1f')} + {fmt(r.get('yields_s'), '.1f')}",
+                      str(r["max_server"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(rows: List[Dict[str, Any]], path: str, title: str) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (the bench extra): no chart"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    width = 0.8 / max(1, len(modes))
+    colors = {"static": "#999999", "pgbouncer": "#4c72b0", "poolbroker": "#dd8452"}
+    for i, mode in enumerate(modes):
+        xs, ys = [], []
+        for j, load in enumerate(LOADS):
+            for r in rows:
+                if r["mode"] == mode and r["load"] == load:
+                    xs.append(j + i * width)
+                    ys.append(r["tx_s"])
+        ax1.bar(xs, ys, width, label=mode, color=colors[mode])
+    ax1.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(LOADS))])
+    ax1.set_xticklabels(LOADS)
+    ax1.set_ylabel("transactions / s")
+    ax1.set_title("throughput, same budget")
+    ax1.legend()
+    light = [r for r in rows if r["load"] == "skewed"]
+    ax2.bar([r["mode"] for r in light], [r.get("light_lat_p99_ms", 0) for r in light],
+            color=[colors[r["mode"]] for r in light])
+    ax2.set_ylabel("ms")
+    ax2.set_title("skewed: light processes' p99 transaction latency")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="poolbroker fleet benchmark")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    parser.add_argument("--budget", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=12)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--loads", default=",".join(LOADS))
+    parser.add_argument("--out", default="bench/results", help="where the table and chart go")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    modes = [m for m in args.modes.split(",") if m]
+    loads = [x for x in args.loads.split(",") if x]
+    notes = []
+    if "pgbouncer" in modes:
+        why = ensure_pgbouncer()
+        if why:
+            notes.append(f"PgBouncer skipped: {why}")
+            modes.remove("pgbouncer")
+    machine = (f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, PostgreSQL local "
+               f"(throwaway cluster, TCP loopback); B={args.budget}, P={args.processes}, "
+               f"T={args.threads}, {args.seconds:g} s measured after {args.warmup:g} s")
+    print(machine, flush=True)
+    rows: List[Dict[str, Any]] = []
+    with PgCluster(max_connections=100) as pg:
+        admin = psycopg2.connect(pg.dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            for mode in modes:
+                cur.execute(f"CREATE DATABASE bench_{mode}")
+        admin.close()
+        bouncer = broker = None
+        url = f"ipc:///tmp/pb-fleet-{uuid.uuid4().hex[:8]}.sock"
+        try:
+            if "pgbouncer" in modes:
+                bouncer = PgBouncer(pg, "bench_pgbouncer", args.budget)
+            if "poolbroker" in modes:
+                broker = start_broker(url, args.budget)
+            for load in loads:
+                for mode in modes:
+                    db = f"bench_{mode}"
+                    dsn = bouncer.dsn if mode == "pgbouncer" and bouncer else \
+                        pg.dsn.replace("dbname=postgres", f"dbname={db}")
+                    row = run_fleet(mode, load, dsn, pg.dsn, db, args,
+                                    url if mode == "poolbroker" else None,
+                                    broker.pid if broker and mode == "poolbroker" else 0)
+                    rows.append(row)
+                    print(f"{load:8} {mode:10} {row['tx_s']:7.0f} tx/s  max server "
+                          f"{row['max_server']}  connects/s {row['connects_s']:.1f}  "
+                          f"recalls/s {row['recalls_s']:.1f}  yields/s {row['yields_s']:.1f}  "
+                          f"broker CPU "
+                          f"{row['broker_cpu']:.0%}"
+                          + (f"  ERRORS {row['errors']}" if row["errors"] else ""), flush=True)
+        finally:
+            if bouncer:
+                bouncer.stop()
+            if broker:
+                broker.terminate()
+                broker.wait(10)
+    text = table(rows, args.budget)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fleet.md"), "w") as fh:
+        fh.write(f"Machine: {machine}\n{text}\n" + "".join(f"\n{n}\n" for n in notes))
+    with open(os.path.join(args.out, "fleet.json"), "w") as fh:
+        json.dump({"machine": machine, "rows": rows, "notes": notes}, fh, indent=1)
+    why = chart(rows, os.path.join(args.out, "fleet.png"), machine)
+    if why:
+        notes.append(why)
+    print(text)
+    for note in notes:
+        print(note)
+    over = [r for r in rows if r["max_server"] > args.budget]
+    if over:
+        print(f"BUDGET EXCEEDED in {[(r['mode'], r['load']) for r in over]}")
+        return 1
+    if any(r["errors"] for r in rows):
+        print("some runs had errors: their figures are void")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,8 +8,10 @@ connection budget. Connections are ordinary direct psycopg2 connections.
 import logging
 
 from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout
+from .leasing import Lease, alease, lease
 from .pool import ConnectionPool
 
 logging.getLogger("poolbroker_client").addHandler(logging.NullHandler())
 
-__all__ = ["BrokerError", "ConnectionPool", "PoolClosed", "PoolError", "PoolTimeout"]
+__all__ = ["BrokerError", "ConnectionPool", "Lease", "PoolClosed", "PoolError", "PoolTimeout",
+           "alease", "lease"]

@@ -148,6 +148,18 @@ def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
             "poolbroker cold getconn (lease+connect)": statistics.median(pooled)}
 
 
+def bench_lease(url: str, n: int, rounds: int) -> Dict[str, float]:
+    """``with lease(): pass``: one acquire answered by a grant, one release sent."""
+    import poolbroker_client
+
+    def one() -> None:
+        with poolbroker_client.lease(broker=url):
+            pass
+
+    one()  # the broker link starts outside the timing
+    return {"poolbroker lease() + release": per_op(one, n, rounds)}
+
+
 def bench_zmq(n: int, rounds: int) -> Dict[str, float]:
     ctx = zmq.Context.instance()
     url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
@@ -194,6 +206,7 @@ def main() -> int:
             hot = bench_hot(pg.dsn, url, hot_n, rounds)
             cold = bench_cold(pg.dsn, url, cold_n, rounds)
             rt = bench_zmq(hot_n, rounds)
+            rt.update(bench_lease(url, hot_n // 4, rounds))
         finally:
             broker.terminate()
             broker.wait(10)
@@ -210,9 +223,10 @@ def main() -> int:
     bare = cold["bare psycopg2.connect"]
     for name, sec in cold.items():
         print(f"  {name:<40} {sec * 1e3:8.3f} ms   {sec / bare:5.2f}x bare connect")
-    print("\nbroker exchange floor:")
+    print("\nbroker exchange:")
+    echo = rt["raw pyzmq DEALER/ROUTER msgpack round trip"]
     for name, sec in rt.items():
-        print(f"  {name:<40} {sec * 1e6:8.1f} us")
+        print(f"  {name:<40} {sec * 1e6:8.1f} us   {sec / echo:5.2f}x raw pyzmq echo")
     return 0
 
 

@@ -258,6 +258,7 @@ class ConnectionPool:
 
     def _return(self, conn: Any, discard: Optional[str]) -> None:
         """putconn(), or with ``discard`` (the reason) close it instead of keeping it."""
+        client = self._client
         with self._lock:
             c = self._all.get(id(conn))
             if c is None or c.conn is not conn:
@@ -266,19 +267,25 @@ class ConnectionPool:
             if not c.in_use:
                 raise PoolError(f"{self.name}: connection returned twice")
             c.in_use = False
+            # the common case, under the same lock: a clean connection back to
+            # an open pool, nobody waiting, nothing owed to the broker
+            if not (discard or self._waiting or self._closed or client is None
+                    or self._reset is not None or conn.closed
+                    or conn.get_transaction_status() != _STATUS_OK
+                    or c.lease in client._lost or client._debt.get(self._broker_pool)
+                    or client._contended.get(self._broker_pool)):
+                now = time.monotonic()
+                if now < c.expires:
+                    c.returned = now
+                    self._idle.append(c)
+                    return
         if discard:  # asked for explicitly: closed before we return, like psycopg2's pools
             self._discard(c, discard, now=True)
             return
-        client = self._client
-        if (client is None or conn.closed or self._reset is not None
-                or conn.get_transaction_status() != _STATUS_OK
-                or c.lease in client._lost or client._debt.get(self._broker_pool)
-                or time.monotonic() >= c.expires):
-            # anything but the common case: the complete check
-            reason = self._check_returned(c)
-            if reason:
-                self._discard(c, reason)
-                return
+        reason = self._check_returned(c)
+        if reason:
+            self._discard(c, reason)
+            return
         self._give_back(c)
 
     @contextmanager

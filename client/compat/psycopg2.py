@@ -94,6 +94,7 @@ class AbstractConnectionPool:
         return self._keys
 
     def _getconn(self, key: Optional[Hashable] = None) -> Any:
+        """Get a free connection, or the one assigned to ``key``."""
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")
@@ -128,6 +129,7 @@ class AbstractConnectionPool:
 
     def _putconn(self, conn: Any = None, key: Optional[Hashable] = None,
                  close: bool = False) -> None:
+        """Put away a connection; with ``close``, close it (and give its lease back)."""
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")
@@ -171,14 +173,9 @@ class SimpleConnectionPool(AbstractConnectionPool):
 class ThreadedConnectionPool(AbstractConnectionPool):
     """Like ``psycopg2.pool.ThreadedConnectionPool``."""
 
-    def getconn(self, key: Optional[Hashable] = None) -> Any:
-        """Get a free connection, or the one assigned to ``key``."""
-        return self._getconn(key)
-
-    def putconn(self, conn: Any = None, key: Optional[Hashable] = None,
-                close: bool = False) -> None:
-        """Put away a connection; with ``close``, close it (and give its lease back)."""
-        self._putconn(conn, key, close)
+    # the methods themselves, not wrappers: a call less on the hot path
+    getconn = AbstractConnectionPool._getconn
+    putconn = AbstractConnectionPool._putconn
 
     def closeall(self) -> None:
         """Close every connection, in use or not; the pool is closed afterwards."""

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional
 import psycopg2
 import psycopg2.pool
 
+from bench.run import start_broker
 from devtools.pgcluster import PgCluster, free_port
 
 QUERY = "SELECT pg_sleep(0.002)"
@@ -337,23 +338,6 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
         row[label + "lat_p99_ms"] = percentile(lat, 0.99) * 1000
         row[label + "tx"] = len(lat)
     return row
-
-
-def start_broker(url: str, budget: int) -> subprocess.Popen:
-    from poolbroker.cli import query_status
-
-    proc = subprocess.Popen([sys.executable, "-m", "poolbroker", "serve", "--bind", url,
-                             "--pool", f"default={budget}", "--log-level", "WARNING",
-                             "--grace", "0"])
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            query_status(url, 0.5)
-            return proc
-        except TimeoutError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the broker did not start") from None
 
 
 def fmt(value: Any, spec: str = ".0f") -> str:

@@ -45,6 +45,7 @@ def per_op(fn: Callable[[], None], n: int, rounds: int) -> float:
 
 
 def start_broker(url: str, budget: int) -> subprocess.Popen:
+    """A broker with one pool, ``default``, of ``budget``, answering on ``url``."""
     proc = subprocess.Popen([sys.executable, "-m", "poolbroker", "serve", "--bind", url,
                              "--pool", f"default={budget}", "--log-level", "WARNING",
                              # a throwaway address: no earlier run left leases behind
@@ -55,9 +56,9 @@ def start_broker(url: str, budget: int) -> subprocess.Popen:
             query_status(url, 0.5)
             return proc
         except TimeoutError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise
+                raise RuntimeError(f"the broker did not start on {url}") from None
 
 
 def bench_hot(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:

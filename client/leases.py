@@ -184,6 +184,19 @@ class LeaseClient:
 
         closing.watch_until_eof(fd, done, UNCONFIRMED_WATCH)
 
+    def give_back(self, lease: int, late_fd: Optional[int] = None) -> None:
+        """After its connection was closed: release ``lease``; unconfirmed if the
+        server was not seen to close it (``late_fd``, a duplicate of its socket,
+        still open); or just forget it if the broker no longer counts it."""
+        if self.is_lost(lease):
+            self.forget(lease)
+            if late_fd is not None:
+                os.close(late_fd)
+        elif late_fd is not None:
+            self.release_unconfirmed(lease, late_fd)
+        else:
+            self.release(lease)
+
     def forget(self, lease: int) -> None:
         """Drop a lease the broker no longer knows (no release is sent)."""
         with self._lock:
@@ -615,6 +628,15 @@ class LeaseClient:
                 owner._on_lost(lost)
             except Exception:
                 log.exception("%s: cutting connections of lost leases failed", owner)
+
+
+def settings(pool: Optional[str], broker: Optional[str]) -> "tuple[str, str]":
+    """The broker pool and broker URL to use: as given, else ``$POOLBROKER_POOL``
+    (then ``"default"``) and ``$POOLBROKER_URL``; :class:`PoolError` without a URL."""
+    url = broker or os.environ.get("POOLBROKER_URL") or ""
+    if not url:
+        raise PoolError("no broker address: pass broker=... or set POOLBROKER_URL")
+    return pool or os.environ.get("POOLBROKER_POOL") or "default", url
 
 
 def _new_identity() -> bytes:

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Iterator, List, Optional, Tuple
 
 from . import closing
 from .errors import BrokerError, PoolError, PoolTimeout
-from .leases import LeaseClient, LeaseRequest
+from .leases import LeaseClient, LeaseRequest, settings
 
 log = logging.getLogger("poolbroker_client")
 
@@ -77,13 +77,6 @@ def _descriptor(conn: Any) -> Optional[int]:
     return None
 
 
-def _settings(pool: Optional[str], broker: Optional[str]) -> Tuple[str, str]:
-    url = broker or os.environ.get("POOLBROKER_URL") or ""
-    if not url:
-        raise PoolError("no broker address: pass broker=... or set POOLBROKER_URL")
-    return pool or os.environ.get("POOLBROKER_POOL") or "default", url
-
-
 def _failure(error: BaseException, pool: str, url: str, timeout: float) -> BaseException:
     if isinstance(error, BrokerError) and error.code == "timeout":
         return PoolTimeout(f"no lease in pool {pool!r} after {timeout:g}s (broker {url}): "
@@ -99,18 +92,10 @@ def _release(slot: Lease) -> None:
              for conn, fd in slot._attached]
     late = closing.close_and_wait(items, CLOSE_TIMEOUT) if items else []
     late_fds = [items[i][1] for i in late]
-    late_fd = late_fds[0] if late_fds else None
     for fd in late_fds[1:]:  # one lease, one connection: the rest is not counted
         if fd is not None:
             os.close(fd)
-    if slot._client.is_lost(slot.id):
-        slot._client.forget(slot.id)
-        if late_fd is not None:
-            os.close(late_fd)
-    elif late_fd is not None:
-        slot._client.release_unconfirmed(slot.id, late_fd)
-    else:
-        slot._client.release(slot.id)
+    slot._client.give_back(slot.id, late_fds[0] if late_fds else None)
 
 
 def _async_close(conn: Any) -> bool:
@@ -128,7 +113,7 @@ def lease(pool: Optional[str] = None, *, broker: Optional[str] = None,
     :param timeout: seconds to wait for a slot, then :class:`PoolTimeout`.
 
     Yields a :class:`Lease` (``.id``, ``.pool``, ``.attach(conn)``)."""
-    pool, url = _settings(pool, broker)
+    pool, url = settings(pool, broker)
     client = LeaseClient.for_url(url)
     done = threading.Event()
     answer: List[Any] = []
@@ -160,7 +145,7 @@ async def alease(pool: Optional[str] = None, *, broker: Optional[str] = None,
     to see an attached connection close, never blocks the event loop. An
     attached connection whose ``close()`` is a coroutine (asyncpg, psycopg 3's
     AsyncConnection) is awaited."""
-    pool, url = _settings(pool, broker)
+    pool, url = settings(pool, broker)
     client = LeaseClient.for_url(url)
     loop = asyncio.get_running_loop()
     future: "asyncio.Future[Tuple[Optional[int], Optional[BaseException]]]" = \

@@ -24,25 +24,12 @@ import psycopg2.extensions as ext
 
 from . import closing
 from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout
-from .leases import LeaseClient, LeaseRequest, track_pool
+from .leases import LeaseClient, LeaseRequest, settings, track_pool
 
 log = logging.getLogger("poolbroker_client")
 
 _STATUS_OK = ext.TRANSACTION_STATUS_IDLE
 _STATUS_ROLLBACK = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
-
-
-def _give_lease_back(client: LeaseClient, lease: int, late_fd: Optional[int]) -> None:
-    """After a close: release ``lease``, unconfirmed if the server was not seen to
-    close the connection (``late_fd`` still open), or forget it if it was lost."""
-    if client.is_lost(lease):
-        client.forget(lease)  # the broker no longer counts it
-        if late_fd is not None:
-            os.close(late_fd)
-    elif late_fd is not None:
-        client.release_unconfirmed(lease, late_fd)
-    else:
-        client.release(lease)
 
 
 class _Conn:
@@ -135,10 +122,7 @@ class ConnectionPool:
             raise ValueError("timeout must be > 0")
         self.conninfo = conninfo
         self.kwargs: Dict[str, Any] = dict(kwargs or {})
-        self.broker = broker or os.environ.get("POOLBROKER_URL") or ""
-        if not self.broker:
-            raise PoolError("no broker address: pass broker=... or set POOLBROKER_URL")
-        self._broker_pool = pool or os.environ.get("POOLBROKER_POOL") or "default"
+        self._broker_pool, self.broker = settings(pool, broker)
         self.min_size = min_size
         self.max_size = max_size
         self.timeout = timeout
@@ -451,8 +435,6 @@ class ConnectionPool:
                 spare = lease
             else:
                 self._unqueue(target)
-                if target is not w:
-                    self._cancel_req_locked(target)
                 target.lease = lease
                 target.granted_at = time.monotonic()
                 target.done = True
@@ -557,7 +539,7 @@ class ConnectionPool:
                 self._grow_locked()
             late = closing.close_and_wait([(conn, fd)], self.close_timeout) \
                 if conn is not None else []
-            _give_lease_back(client, lease, fd if late else None)
+            client.give_back(lease, fd if late else None)
             raise
         lifetime = self.max_lifetime * random.uniform(0.95, 1.0)  # spread the replacements
         c = _Conn(conn, lease, fd, t0 + lifetime)
@@ -686,7 +668,7 @@ class ConnectionPool:
         if not late:  # what a move costs here, for _hold_idle (a moving average)
             self._close_s += ((time.monotonic() - t0) / len(conns) - self._close_s) / 8
         for i, c in enumerate(conns):
-            _give_lease_back(client, c.lease, c.fd if i in late else None)
+            client.give_back(c.lease, c.fd if i in late else None)
         with self._lock:
             self._closing -= len(conns)
             self._grow_locked()

@@ -553,6 +553,18 @@ class LeaseClient:
                 self._outbox.append(self._hello())
             self._wake()
             return
+        if code == p.E_TOO_MANY_CLIENTS:
+            # refused at hello: nothing we asked for can be granted. Callers hear
+            # why now rather than at their deadline; the hello is retried.
+            log.error("broker %s refused this process: %s", self.url, message)
+            with self._lock:
+                failed = [req for req in self._requests.values() if not req.done]
+                for req in failed:
+                    req.done = True
+                    self._requests.pop(req.rid, None)
+            for req in failed:
+                _run_callback(req, None, BrokerError(code, message))
+            return
         if rid is None:
             log.warning("broker %s: %s (%s)", self.url, message, code)
             return

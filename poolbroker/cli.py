@@ -24,6 +24,19 @@ from .server import AddressInUse, Broker
 log = logging.getLogger("poolbroker")
 
 DEFAULT_TTL = 4.0
+DEFAULT_MAX_CLIENTS = 1000
+DEFAULT_MAX_WAITING = 10000
+
+
+def _env_int(name: str) -> Optional[int]:
+    """An integer from the environment, or None; ValueError names the variable."""
+    text = os.environ.get(name, "")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, not {text!r}") from None
 
 
 def _parse_pool(text: str) -> tuple:
@@ -56,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
                             f"(default {DEFAULT_TTL})")
     serve.add_argument("--max-waiting-per-client", type=int, default=1000,
                        help="queued lease requests one client may have (default 1000)")
+    serve.add_argument("--max-clients", type=int, default=None,
+                       help="client processes the broker serves at once; more are refused "
+                            f"(like PgBouncer's max_client_conn; default {DEFAULT_MAX_CLIENTS}, "
+                            "$POOLBROKER_MAX_CLIENTS, max_clients in the config file)")
+    serve.add_argument("--max-waiting", type=int, default=None,
+                       help="lease requests queued in all pools; more are refused with "
+                            f"too_many_requests (default {DEFAULT_MAX_WAITING}, "
+                            "$POOLBROKER_MAX_WAITING, max_waiting in the config file)")
     serve.add_argument("--grace", type=float, default=None,
                        help="seconds to grant nothing after a start that may follow a crash, "
                             "while clients re-announce their leases (default: max(ttl, 3))")
@@ -132,7 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    file_config: dict = {"pools": {}, "ttl": None, "bind": None}
+    file_config: dict = {"pools": {}, "ttl": None, "bind": None, "max_clients": None,
+                         "max_waiting": None}
     if args.config:
         try:
             file_config = load_config(args.config)
@@ -160,6 +182,23 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ttl <= 0.3:
         print("poolbroker serve: --ttl must be more than 0.3 seconds", file=sys.stderr)
         return 2
+    caps = {}
+    for cap, default in (("max_clients", DEFAULT_MAX_CLIENTS),
+                         ("max_waiting", DEFAULT_MAX_WAITING)):
+        value = getattr(args, cap)
+        try:
+            if value is None:
+                value = _env_int(f"POOLBROKER_{cap.upper()}")
+        except ValueError as exc:
+            print(f"poolbroker serve: {exc}", file=sys.stderr)
+            return 2
+        if value is None:
+            value = file_config[cap] or default
+        if value < 1:
+            print(f"poolbroker serve: --{cap.replace('_', '-')} must be at least 1",
+                  file=sys.stderr)
+            return 2
+        caps[cap] = value
     gid = None
     if args.socket_group:
         try:
@@ -173,7 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         Broker(args.bind, pools, ttl=args.ttl, grace=args.grace, state_dir=args.state_dir,
-               max_waiting_per_client=args.max_waiting_per_client,
+               max_waiting_per_client=args.max_waiting_per_client, **caps,
                config_path=args.config, pool_overrides=overrides,
                fence_dsn=args.fence_dsn, admin_bind=args.admin_bind, socket_group=gid,
                curve_secret=args.curve_secret, curve_clients=args.curve_clients,

@@ -2,6 +2,8 @@
 
     bind = "ipc:///run/myapp/poolbroker.sock"   # optional; --bind wins
     ttl = 4.0                                   # optional; read at start only
+    max_clients = 1000                          # optional; read at start only
+    max_waiting = 10000                         # optional; read at start only
     [pools]
     default = 20
     reports = 4
@@ -47,4 +49,10 @@ def load(path: str) -> Dict[str, Any]:
         raise ConfigError(f"{path}: ttl must be a number of seconds above 0.3")
     if "bind" in data and not isinstance(data["bind"], str):
         raise ConfigError(f"{path}: bind must be a string")
-    return {"pools": dict(pools), "ttl": data.get("ttl"), "bind": data.get("bind")}
+    for cap in ("max_clients", "max_waiting"):
+        value = data.get(cap)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise ConfigError(f"{path}: {cap} must be an integer >= 1, not {value!r}")
+    return {"pools": dict(pools), "ttl": data.get("ttl"), "bind": data.get("bind"),
+            "max_clients": data.get("max_clients"), "max_waiting": data.get("max_waiting")}

@@ -24,12 +24,22 @@ shell that feeds it frames and timer ticks. This is where every rule lives:
   cost a message per client each time;
 * **expire**: a client not heard from for ``ttl`` seconds loses its leases and its
   queued requests; a waiter past its deadline gets a ``timeout`` error;
-* **cancel**: a request nobody waits for any more leaves the queue.
+* **cancel**: a request nobody waits for any more leaves the queue;
+* **caps**: at most ``max_clients`` clients and ``max_waiting`` queued requests
+  in all (like PgBouncer's ``max_client_conn``), besides ``max_waiting_per_client``.
+
+Cost: nothing here scans every waiter or every lease per message. Each pool keeps
+its demand per client up to date as leases and waiters come and go, and timers
+(waiter deadlines, client TTLs, unconfirmed holds) sit in one heap, cleaned
+lazily: a message costs O(clients in that pool) at most (the fair-share
+arithmetic), and a tick O(log n) per timer due.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -46,6 +56,9 @@ Out = Tuple[ClientId, str, Dict[str, Any]]
 
 #: Seconds a pool stays contended after its queue has emptied.
 CONTENTION_LINGER = 1.0
+
+# kinds of timer in the ledger's heap
+_WAITER, _CLIENT, _UNCONFIRMED = 0, 1, 2
 
 
 @dataclass
@@ -88,6 +101,7 @@ class Client:
     host: str = ""
     name: str = ""
     last_seen: float = 0.0
+    timer: float = 0.0  # when its TTL entry in the ledger's timer heap is due
     leases: Dict[int, Lease] = field(default_factory=dict)
     waiting: Dict[int, Waiter] = field(default_factory=dict)  # rid -> waiter
     granted: Dict[int, int] = field(default_factory=dict)  # rid -> lease id (idempotency)
@@ -96,10 +110,8 @@ class Client:
     contended: Dict[str, bool] = field(default_factory=dict)  # pool -> as last told
 
     def held(self, pool: str) -> int:
+        """Leases held in ``pool`` (counted: for views and tests, not hot paths)."""
         return sum(1 for lease in self.leases.values() if lease.pool == pool)
-
-    def waiting_in(self, pool: str) -> int:
-        return sum(1 for w in self.waiting.values() if w.pool == pool)
 
 
 @dataclass
@@ -113,6 +125,11 @@ class Pool:
     queue: "OrderedDict[Tuple[ClientId, int], Waiter]" = field(default_factory=OrderedDict)
     contended: bool = False  # requests wait (or did, less than CONTENTION_LINGER ago)
     quiet_since: Optional[float] = None  # when the queue last emptied while contended
+    # per client holding or wanting leases here, kept up to date on every change
+    # (so that a message never has to scan every lease or waiter)
+    demand: Dict[ClientId, "Demand"] = field(default_factory=dict)
+    # clients last told a recall or contention here: they must hear when it ends
+    told: Set[ClientId] = field(default_factory=set)
 
 
 @dataclass
@@ -162,6 +179,8 @@ class Ledger:
         ttl: float = 4.0,
         epoch: str = "0",
         max_waiting_per_client: int = 1000,
+        max_clients: int = 1000,
+        max_waiting: int = 10000,
         lease_ids: Optional[LeaseIds] = None,
         ids_verifiable: bool = True,
         grace_until: float = 0.0,
@@ -179,6 +198,14 @@ class Ledger:
         self.ttl = ttl
         self.epoch = epoch
         self.max_waiting_per_client = max_waiting_per_client
+        self.max_clients = max_clients
+        self.max_waiting = max_waiting
+        self.waiting = 0  # queued requests in all pools
+        # (due, n, kind, key): waiter deadlines, client TTLs, unconfirmed holds.
+        # Entries are never removed early; one that no longer matches is skipped
+        # when it comes up (see _due).
+        self._timers: List[Tuple[float, int, int, Any]] = []
+        self._timer_n = itertools.count()
         # Ids clients cannot forge; ``ids_verifiable`` is False when the key of
         # the previous run is lost (no state file): re-announced ids then cannot be
         # checked, and only the bounds in hello() apply.
@@ -268,11 +295,19 @@ class Ledger:
         the count on the server)."""
         client = self.clients.get(cid)
         if client is None:
+            if len(self.clients) >= self.max_clients:
+                log.warning("client pid %s on %s refused: already %d clients (max_clients)",
+                            pid, p.shown(host), len(self.clients))
+                return [self._error(cid, None, p.E_TOO_MANY_CLIENTS,
+                                    f"the broker already serves {len(self.clients)} clients "
+                                    f"(max_clients = {self.max_clients})")]
             client = Client(cid)
             self.clients[cid] = client
             log.info("client %s joined (pid %s on %s%s)", _label(cid), pid, p.shown(host),
                      f", {p.shown(name)}" if name else "")
         client.pid, client.host, client.name, client.last_seen = pid, host, name, now
+        if not client.timer:
+            self._schedule_client(client)
         rejected: List[int] = []
         why: Dict[str, int] = {}
         touched = set()
@@ -284,9 +319,7 @@ class Ledger:
                 rejected.append(lease_id)
                 why[reason] = why.get(reason, 0) + 1
                 continue
-            lease = Lease(lease_id, pool_name, cid, now)
-            self.pools[pool_name].leases[lease_id] = lease
-            client.leases[lease_id] = lease
+            self._hold(self.pools[pool_name], client, Lease(lease_id, pool_name, cid, now))
             touched.add(pool_name)
         if rejected:
             log.warning("client %s (pid %s) re-announced %d lease(s) that cannot be taken "
@@ -338,17 +371,23 @@ class Ledger:
         if granted is not None:  # a retry of a request we already granted
             return [(cid, "grant", self._grant_fields(granted))]
         if rid in client.waiting:  # a retry of a request still queued: new deadline
-            client.waiting[rid].deadline = now + timeout
+            waiter = client.waiting[rid]
+            waiter.deadline = now + timeout
+            self._schedule(waiter.deadline, _WAITER, (cid, rid))
             return []
         if len(client.waiting) >= self.max_waiting_per_client:
             return [self._error(cid, rid, p.E_TOO_MANY_REQUESTS,
-                                f"client already has {len(client.waiting)} queued requests")]
+                                f"client already has {len(client.waiting)} queued requests "
+                                f"(max_waiting_per_client = {self.max_waiting_per_client})")]
+        if self.waiting >= self.max_waiting:
+            return [self._error(cid, rid, p.E_TOO_MANY_REQUESTS,
+                                f"the broker already queues {self.waiting} requests "
+                                f"(max_waiting = {self.max_waiting})")]
         # a client that asks has no idle connection there (it would use it)
         if client.idle.get(pool):
             client.idle[pool] = 0
-        waiter = Waiter(cid, rid, pool, now + timeout, now)
-        client.waiting[rid] = waiter
-        self.pools[pool].queue[(cid, rid)] = waiter
+            self._count(self.pools[pool], cid)
+        self._enqueue(client, Waiter(cid, rid, pool, now + timeout, now))
         return self._rebalance(pool, now)
 
     def cancel(self, cid: ClientId, *, rid: int, now: float) -> List[Out]:
@@ -357,10 +396,10 @@ class Ledger:
         client, outs = self._known(cid, rid, now)
         if client is None:
             return []  # nothing to cancel; no reply needed
-        waiter = client.waiting.pop(rid, None)
+        waiter = client.waiting.get(rid)
         if waiter is None:
             return []
-        del self.pools[waiter.pool].queue[(cid, rid)]
+        self._dequeue(client, waiter)
         return self._rebalance(waiter.pool, now)
 
     def release(self, cid: ClientId, *, lease: int, now: float,
@@ -372,7 +411,7 @@ class Ledger:
         orphan = self.unconfirmed.get(lease)
         if orphan is not None and orphan.client == cid and not unconfirmed:
             del self.unconfirmed[lease]
-            del self.pools[orphan.pool].leases[lease]
+            del self.pools[orphan.pool].leases[lease]  # owned by nobody: not in demand
             log.info("client %s: the backend of lease %d is gone after all: slot freed",
                      _label(cid), lease)
             return self._rebalance(orphan.pool, now)
@@ -398,6 +437,7 @@ class Ledger:
         lease.unconfirmed = True
         lease.held_until = now + self.unconfirmed_hold
         self.unconfirmed[lease.id] = lease
+        self._schedule(lease.held_until, _UNCONFIRMED, lease.id)
         log.warning("client %s (pid %s) could not see the backend of lease %d (pid %s) go: "
                     "its slot stays counted until the client confirms it or for %.0fs (set "
                     "--fence-dsn to end such backends, or tcp_keepalives_idle on the server)",
@@ -436,6 +476,8 @@ class Ledger:
         changed = {pool for pool in set(idle) | set(client.idle)
                    if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)}
         client.idle = {k: v for k, v in idle.items() if k in self.pools}
+        for pool in changed:
+            self._count(self.pools[pool], cid)
         unknown = [lease for lease in leases if lease not in client.leases]
         reply: Dict[str, Any] = {"epoch": self.epoch, "unknown": unknown}
         if rid is not None:  # the client wants to know it is this beat's answer
@@ -493,38 +535,43 @@ class Ledger:
                                             "scopes": sorted(self.fence_scopes)}))
             else:
                 outs += self.swept(now)
-        for pool in self.pools.values():
-            for key, waiter in list(pool.queue.items()):
-                if waiter.deadline <= now:
-                    del pool.queue[key]
-                    self.clients[waiter.client].waiting.pop(waiter.rid, None)
-                    outs.append(self._error(
-                        waiter.client, waiter.rid, p.E_TIMEOUT,
-                        f"no lease in pool {pool.name!r} within the deadline "
-                        f"(max {pool.max}, {len(pool.leases)} leased, {len(pool.queue)} waiting)"))
-                    touched.add(pool.name)
-        for client in list(self.clients.values()):
-            if client.last_seen + self.ttl <= now:
+        while True:
+            entry = self._due(now)
+            if entry is None:
+                break
+            kind, key = entry
+            if kind == _WAITER:
+                cid, rid = key
+                client = self.clients[cid]
+                waiter = client.waiting[rid]
+                self._dequeue(client, waiter)
+                pool = self.pools[waiter.pool]
+                outs.append(self._error(
+                    cid, rid, p.E_TIMEOUT,
+                    f"no lease in pool {pool.name!r} within the deadline "
+                    f"(max {pool.max}, {len(pool.leases)} leased, {len(pool.queue)} waiting)"))
+                touched.add(pool.name)
+            elif kind == _CLIENT:
+                client = self.clients[key]
                 if client.leases:
                     log.warning("client %s (pid %s on %s) silent for %.1fs: expiring %d lease(s)",
                                 _label(client.id), client.pid, p.shown(client.host),
                                 now - client.last_seen, len(client.leases))
                 outs += self._forget(client, now, expired=True)
-        for lease in [lz for lz in self.unconfirmed.values() if lz.held_until <= now]:
-            log.warning("lease %d: its backend was never confirmed gone; after %.0fs it is "
-                        "assumed to be: slot freed", lease.id, self.unconfirmed_hold)
-            del self.unconfirmed[lease.id]
-            del self.pools[lease.pool].leases[lease.id]
-            touched.add(lease.pool)
+            else:
+                lease = self.unconfirmed.pop(key)
+                log.warning("lease %d: its backend was never confirmed gone; after %.0fs it "
+                            "is assumed to be: slot freed", lease.id, self.unconfirmed_hold)
+                del self.pools[lease.pool].leases[lease.id]
+                touched.add(lease.pool)
         for name in touched:
             outs += self._rebalance(name, now)
         return outs + self._settle(now)
 
     def next_deadline(self) -> Optional[float]:
         """The earliest time at which :meth:`tick` has something to do."""
-        times = [w.deadline for pool in self.pools.values() for w in pool.queue.values()]
-        times += [c.last_seen + self.ttl for c in self.clients.values()]
-        times += [lease.held_until for lease in self.unconfirmed.values()]
+        top = self._clean_top()
+        times = [top] if top is not None else []
         times += [pool.quiet_since + CONTENTION_LINGER for pool in self.pools.values()
                   if pool.contended and pool.quiet_since is not None]
         if self._in_grace and not self._sweeping:
@@ -555,9 +602,8 @@ class Ledger:
         pool = self.pools[pool_name]
         pool.draining = True
         outs: List[Out] = []
-        for key, waiter in list(pool.queue.items()):
-            del pool.queue[key]
-            self.clients[waiter.client].waiting.pop(waiter.rid, None)
+        for waiter in list(pool.queue.values()):
+            self._dequeue(self.clients[waiter.client], waiter)
             outs.append(self._error(waiter.client, waiter.rid, p.E_DRAINING,
                                     f"pool {pool_name!r} is draining for maintenance"))
         log.warning("pool %r draining: %d lease(s) asked back, %d waiter(s) refused",
@@ -578,19 +624,107 @@ class Ledger:
         log.info("pool %r resumed", pool_name)
         return self._rebalance(pool_name, now)
 
+    # ------------------------------------------------------------------ counts
+
+    def _count(self, pool: Pool, cid: ClientId, held: int = 0, waiting: int = 0) -> None:
+        """Bring ``cid``'s demand in ``pool`` up to date after a change."""
+        d = pool.demand.get(cid)
+        if d is None:
+            d = Demand()
+        d.held += held
+        d.waiting += waiting
+        if d.held == 0 and d.waiting == 0:
+            pool.demand.pop(cid, None)
+            return
+        d.idle = min(d.held, self.clients[cid].idle.get(pool.name, 0))
+        pool.demand[cid] = d
+
+    def _hold(self, pool: Pool, client: Client, lease: Lease) -> None:
+        pool.leases[lease.id] = lease
+        client.leases[lease.id] = lease
+        self._count(pool, client.id, held=1)
+
+    def _enqueue(self, client: Client, waiter: Waiter) -> None:
+        client.waiting[waiter.rid] = waiter
+        pool = self.pools[waiter.pool]
+        pool.queue[(client.id, waiter.rid)] = waiter
+        self.waiting += 1
+        self._count(pool, client.id, waiting=1)
+        self._schedule(waiter.deadline, _WAITER, (client.id, waiter.rid))
+
+    def _dequeue(self, client: Client, waiter: Waiter) -> None:
+        del client.waiting[waiter.rid]
+        pool = self.pools[waiter.pool]
+        del pool.queue[(client.id, waiter.rid)]
+        self.waiting -= 1
+        self._count(pool, client.id, waiting=-1)
+
+    # ------------------------------------------------------------------ timers
+
+    def _schedule(self, due: float, kind: int, key: Any) -> None:
+        heapq.heappush(self._timers, (due, next(self._timer_n), kind, key))
+        # entries made stale (cancelled waiters, renewed deadlines) stay until
+        # they come up; rebuild before they outnumber the live ones
+        live = self.waiting + len(self.clients) + len(self.unconfirmed)
+        if len(self._timers) > 4 * live + 1024:
+            self._timers = [entry for entry in self._timers if self._live(entry)]
+            heapq.heapify(self._timers)
+
+    def _schedule_client(self, client: Client) -> None:
+        client.timer = client.last_seen + self.ttl
+        self._schedule(client.timer, _CLIENT, client.id)
+
+    def _live(self, entry: Tuple[float, int, int, Any]) -> bool:
+        due, _, kind, key = entry
+        if kind == _WAITER:
+            client = self.clients.get(key[0])
+            waiter = client.waiting.get(key[1]) if client is not None else None
+            return waiter is not None and waiter.deadline == due
+        if kind == _CLIENT:
+            client = self.clients.get(key)
+            return client is not None and client.timer == due
+        lease = self.unconfirmed.get(key)
+        return lease is not None and lease.held_until == due
+
+    def _clean_top(self) -> Optional[float]:
+        """Drop stale entries from the top of the timer heap (moving a client's
+        TTL entry to when it is really due); the earliest live time, if any."""
+        timers = self._timers
+        while timers:
+            entry = timers[0]
+            if not self._live(entry):
+                heapq.heappop(timers)
+                continue
+            if entry[2] == _CLIENT:
+                client = self.clients[entry[3]]
+                if client.last_seen + self.ttl > entry[0]:  # heard from since
+                    heapq.heappop(timers)
+                    self._schedule_client(client)
+                    continue
+            return entry[0]
+        return None
+
+    def _due(self, now: float) -> Optional[Tuple[int, Any]]:
+        """Take the next timer due at ``now``: (kind, key), or None."""
+        due = self._clean_top()
+        if due is None or due > now:
+            return None
+        _, _, kind, key = heapq.heappop(self._timers)
+        return kind, key
+
     # ------------------------------------------------------------------ rules
 
     def _drop_lease(self, client: Client, lease: Lease) -> None:
         del self.pools[lease.pool].leases[lease.id]
         self._orphan(client, lease)
 
-    @staticmethod
-    def _orphan(client: Client, lease: Lease) -> None:
+    def _orphan(self, client: Client, lease: Lease) -> None:
         """Detach ``lease`` (already out of ``client.leases``) from its client."""
         if lease.rid is not None:
             client.granted.pop(lease.rid, None)
         if client.recall.get(lease.pool):
             client.recall[lease.pool] -= 1
+        self._count(self.pools[lease.pool], client.id, held=-1)
 
     @staticmethod
     def _fence_entry(lease: Lease) -> list:
@@ -643,37 +777,27 @@ class Ledger:
             outs.append((b"", "fence", {"leases": to_fence}))  # for the server's fencer
         for lease in list(client.leases.values()):
             self._drop_lease(client, lease)
-        for waiter in client.waiting.values():
-            del self.pools[waiter.pool].queue[(client.id, waiter.rid)]
+        client.leases.clear()
+        for waiter in list(client.waiting.values()):
+            self._dequeue(client, waiter)
         del self.clients[client.id]
+        for pool in self.pools.values():
+            pool.told.discard(client.id)
         for name in pools:
             outs += self._rebalance(name, now)
         return outs
 
     def demands(self, pool_name: str) -> Dict[ClientId, Demand]:
-        """Clients that hold or want leases in ``pool_name``, with their demand."""
-        pool = self.pools[pool_name]
-        out: Dict[ClientId, Demand] = {}
-        for lease in pool.leases.values():
-            if lease.owned:
-                d = out.get(lease.client)
-                if d is None:
-                    d = out[lease.client] = Demand()
-                d.held += 1
-        for waiter in pool.queue.values():
-            d = out.get(waiter.client)
-            if d is None:
-                d = out[waiter.client] = Demand()
-            d.waiting += 1
-        for cid, d in out.items():
-            d.idle = min(d.held, self.clients[cid].idle.get(pool_name, 0))
-        return out
+        """Clients that hold or want leases in ``pool_name``, with their demand (a
+        copy: the ledger keeps its own up to date)."""
+        return {cid: Demand(d.held, d.waiting, d.idle)
+                for cid, d in self.pools[pool_name].demand.items()}
 
     def level(self, pool_name: str) -> float:
         """The pool's water level: what a client wanting more than it is entitled
         to (infinity when every want fits)."""
-        return water_level([d.want for d in self.demands(pool_name).values()],
-                           self.pools[pool_name].max)
+        pool = self.pools[pool_name]
+        return water_level([d.want for d in pool.demand.values()], pool.max)
 
     def _rebalance(self, pool_name: str, now: float) -> List[Out]:
         """Grant what fits, then decide who should give leases back."""
@@ -682,14 +806,12 @@ class Ledger:
         while (pool.queue and len(pool.leases) < pool.max and not self._in_grace
                and not pool.paused and not pool.draining):
             waiter = self._pick(pool)
-            del pool.queue[(waiter.client, waiter.rid)]
             client = self.clients[waiter.client]
-            del client.waiting[waiter.rid]
+            self._dequeue(client, waiter)
             self._grant_seq += 1
             lease = Lease(self.ids.issue(pool.name, self._id_in_use), pool.name, client.id,
                           now, rid=waiter.rid, seq=self._grant_seq)
-            pool.leases[lease.id] = lease
-            client.leases[lease.id] = lease
+            self._hold(pool, client, lease)
             client.granted[waiter.rid] = lease.id
             outs.append((client.id, "grant", self._grant_fields(lease)))
         if pool.queue:
@@ -697,15 +819,22 @@ class Ledger:
         elif pool.contended and pool.quiet_since is None:
             pool.quiet_since = now
         wanted = self._recall_targets(pool)
-        for client in self.clients.values():
-            target = wanted.get(client.id, 0)
-            contended = pool.contended
+        contended = pool.contended
+        # who holds or wants leases here, and who must hear that a recall or the
+        # contention ended; nobody else has anything to hear
+        for cid in list(pool.demand) + [c for c in pool.told if c not in pool.demand]:
+            client = self.clients[cid]
+            target = wanted.get(cid, 0)
             if (client.recall.get(pool.name, 0) != target
                     or client.contended.get(pool.name, False) != contended):
                 client.recall[pool.name] = target
                 client.contended[pool.name] = contended
-                outs.append((client.id, "recall",
+                outs.append((cid, "recall",
                              {"pool": pool.name, "count": target, "contended": contended}))
+            if target or contended:
+                pool.told.add(cid)
+            else:
+                pool.told.discard(cid)
         return outs
 
     def _settle(self, now: float) -> List[Out]:
@@ -727,7 +856,7 @@ class Ledger:
         entitlement rounded down), else the oldest whose client holds less than
         its entitlement rounded up, else the oldest (so a slot freed in a
         balanced pool stays where it keeps the balance, and moves nothing)."""
-        demands = self.demands(pool.name)
+        demands = pool.demand
         level = water_level([d.want for d in demands.values()], pool.max)
         below_ceiling = None
         for waiter in pool.queue.values():
@@ -753,12 +882,11 @@ class Ledger:
         over its max (the budget shrank) recalls the excess the same way.
         """
         if pool.draining:  # everything back: idle at once, busy ones when returned
-            return {lease.client: self.clients[lease.client].held(pool.name)
-                    for lease in pool.leases.values() if lease.owned}
+            return {cid: d.held for cid, d in pool.demand.items() if d.held}
         excess = len(pool.leases) - pool.max
         if not pool.queue and excess <= 0:
             return {}
-        demands = self.demands(pool.name)
+        demands = pool.demand
         level = water_level([d.want for d in demands.values()], pool.max)
         bounds = {cid: entitled(d, level) for cid, d in demands.items()}
         # below the entitlement rounded down: starved; below it rounded up: owed
@@ -810,18 +938,19 @@ class Ledger:
         """What ``poolbroker status`` shows: per pool and per client figures."""
         pools = {}
         for pool in self.pools.values():
-            idle = sum(min(c.idle.get(pool.name, 0), c.held(pool.name))
-                       for c in self.clients.values())
+            idle = sum(d.idle for d in pool.demand.values())
             pools[pool.name] = {
                 "max": pool.max,
-                "fencing": sum(1 for lz in pool.leases.values() if lz.fencing),
-                "unconfirmed": sum(1 for lz in pool.leases.values() if lz.unconfirmed),
+                "fencing": sum(1 for lz in self.fencing.values() if lz.pool == pool.name),
+                "unconfirmed": sum(1 for lz in self.unconfirmed.values()
+                                   if lz.pool == pool.name),
                 "paused": pool.paused,
                 "draining": pool.draining,
                 "leased": len(pool.leases),
                 "idle": idle,
                 "busy": len(pool.leases) - idle,
                 "waiting": len(pool.queue),
+                "clients": len(pool.demand),
                 "contended": pool.contended,
             }
         clients = []
@@ -843,6 +972,7 @@ class Ledger:
             })
         grace = max(0.0, self.grace_until - now) if self._in_grace else 0.0
         return {"epoch": self.epoch, "ttl": self.ttl, "grace_s": round(grace, 3),
+                "max_clients": self.max_clients, "max_waiting": self.max_waiting,
                 "pools": pools, "clients": clients}
 
     def check(self) -> None:
@@ -864,6 +994,25 @@ class Ledger:
             for rid, waiter in client.waiting.items():
                 assert (client.id, rid) in self.pools[waiter.pool].queue
                 assert rid not in client.granted
+        # the incremental counts agree with counting from scratch
+        assert self.waiting == sum(len(pool.queue) for pool in self.pools.values())
+        for pool in self.pools.values():
+            scratch: Dict[ClientId, Demand] = {}
+            for lease in pool.leases.values():
+                if lease.owned:
+                    scratch.setdefault(lease.client, Demand()).held += 1
+            for waiter in pool.queue.values():
+                scratch.setdefault(waiter.client, Demand()).waiting += 1
+            for cid, d in scratch.items():
+                d.idle = min(d.held, self.clients[cid].idle.get(pool.name, 0))
+            assert pool.demand == scratch, (pool.name, pool.demand, scratch)
+            assert pool.told <= set(self.clients)
+        # every live timer is in the heap
+        pending = {(kind, key) for _, _, kind, key in self._timers}
+        for client in self.clients.values():
+            assert (_CLIENT, client.id) in pending
+            for waiter in client.waiting.values():
+                assert (_WAITER, (client.id, waiter.rid)) in pending
 
 
 def _label(cid: ClientId) -> str:

@@ -78,6 +78,7 @@ E_UNKNOWN_POOL = "unknown_pool"
 E_UNKNOWN_CLIENT = "unknown_client"
 E_TIMEOUT = "timeout"
 E_TOO_MANY_REQUESTS = "too_many_requests"
+E_TOO_MANY_CLIENTS = "too_many_clients"
 E_DRAINING = "draining"
 E_FORBIDDEN = "forbidden"
 

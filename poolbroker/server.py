@@ -127,6 +127,8 @@ class Broker:
         *,
         ttl: float = 4.0,
         max_waiting_per_client: int = 1000,
+        max_clients: int = 1000,
+        max_waiting: int = 10000,
         grace: Optional[float] = None,
         state_dir: Optional[str] = None,
         config_path: Optional[str] = None,
@@ -162,6 +164,7 @@ class Broker:
         self.broker_id = hashlib.sha1(f"{socket.gethostname()}|{bind}".encode()).hexdigest()[:6]
         self.ledger = Ledger(pools, ttl=ttl, epoch=self.epoch,
                              max_waiting_per_client=max_waiting_per_client,
+                             max_clients=max_clients, max_waiting=max_waiting,
                              fence=fence_dsn is not None, fence_tag=tag_prefix(self.broker_id),
                              unconfirmed_hold=unconfirmed_hold)
         self.fence_dsn = fence_dsn

@@ -53,7 +53,7 @@ def test_grants_up_to_max_then_queues():
     assert grant(ledger, C, 1) is None
     assert ledger.snapshot(0)["pools"]["default"] == {
         "max": 2, "leased": 2, "idle": 0, "busy": 2, "waiting": 1, "paused": False,
-        "draining": False, "fencing": 0, "unconfirmed": 0, "contended": True}
+        "draining": False, "fencing": 0, "unconfirmed": 0, "contended": True, "clients": 3}
 
 
 def test_release_goes_to_the_oldest_waiter():

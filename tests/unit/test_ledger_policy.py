@@ -39,7 +39,7 @@ class Fleet:
     def top_up(self, cid):
         c = self.ledger.clients[cid]
         outs = []
-        while c.held(POOL) + c.waiting_in(POOL) < self.wants[cid]:
+        while c.held(POOL) + sum(w.pool == POOL for w in c.waiting.values()) < self.wants[cid]:
             self.rids[cid] += 1
             outs += self.ledger.acquire(cid, rid=self.rids[cid], pool=POOL, timeout=1e6,
                                         now=self.now)

@@ -558,12 +558,12 @@ class LeaseClient:
             # why now rather than at their deadline; the hello is retried.
             log.error("broker %s refused this process: %s", self.url, message)
             with self._lock:
-                failed = [req for req in self._requests.values() if not req.done]
-                for req in failed:
-                    req.done = True
-                    self._requests.pop(req.rid, None)
-            for req in failed:
-                _run_callback(req, None, BrokerError(code, message))
+                failed = [r for r in self._requests.values() if not r.done]
+                for r in failed:
+                    r.done = True
+                    del self._requests[r.rid]
+            for r in failed:
+                _run_callback(r, None, BrokerError(code, message))
             return
         if rid is None:
             log.warning("broker %s: %s (%s)", self.url, message, code)

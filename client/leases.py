@@ -152,7 +152,12 @@ class LeaseClient:
 
     def release(self, lease: int) -> None:
         """Give ``lease`` back. Only call this once the server has seen the
-        connection close (see :mod:`poolbroker_client.closing`)."""
+        connection close (see :mod:`poolbroker_client.closing`).
+
+        While nobody waits in its pool the release is not worth a wake-up of the
+        I/O thread: it goes with the next message (a request, a heartbeat, or
+        the answer to the broker telling us the pool became contended). Until
+        then the broker counts the slot: late, never over the budget."""
         with self._lock:
             pool = self._leases.pop(lease, None)
             self._lost.discard(lease)
@@ -160,7 +165,9 @@ class LeaseClient:
             if pool is None:
                 return  # lost or already released: the broker does not count it
             self._outbox.append(p.encode("release", lease=lease))
-        self._wake()
+            urgent = self._contended.get(pool, False) or self._debt.get(pool, 0) > 0
+        if urgent:
+            self._wake()
 
     def release_unconfirmed(self, lease: int, fd: int) -> None:
         """Give ``lease`` back although the server was not seen to close its
@@ -214,7 +221,8 @@ class LeaseClient:
         with self._lock:
             self._connected.add(lease)
             self._outbox.append(p.encode("connected", **fields))
-        self._wake()
+        if self.fence:  # the fencer matches on it: tell the broker now
+            self._wake()
 
     def take_recall(self, pool: str) -> bool:
         """True (and one less owed) if the broker wants a lease of ``pool`` back."""
@@ -338,12 +346,6 @@ class LeaseClient:
                             pass
                     except (BlockingIOError, OSError):
                         pass
-                with self._lock:
-                    outbox, self._outbox = self._outbox, []
-                    stopping = self._stopping
-                backlog = self._send_all(sock, outbox)
-                if stopping:
-                    break
                 if sock in events:
                     while True:
                         try:
@@ -351,6 +353,14 @@ class LeaseClient:
                         except zmq.Again:
                             break
                         self._on_frame(frame)
+                # after reading: what the answers queued (and releases kept back
+                # while the pool was not contended, if it now is) goes out now
+                with self._lock:
+                    outbox, self._outbox = self._outbox, []
+                    stopping = self._stopping
+                backlog = self._send_all(sock, outbox)
+                if stopping:
+                    break
                 self._retry_unanswered()
                 if time.monotonic() >= next_beat:
                     try:

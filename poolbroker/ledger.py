@@ -384,9 +384,15 @@ class Ledger:
                                 f"the broker already queues {self.waiting} requests "
                                 f"(max_waiting = {self.max_waiting})")]
         # a client that asks has no idle connection there (it would use it)
+        the_pool = self.pools[pool]
         if client.idle.get(pool):
             client.idle[pool] = 0
-            self._count(self.pools[pool], cid)
+            self._count(the_pool, cid)
+        if (not the_pool.queue and len(the_pool.leases) < the_pool.max and not self._in_grace
+                and not the_pool.paused and not the_pool.contended and not the_pool.told):
+            # the common case, a pool with room that nobody waits for: granted
+            # straight away, nothing to queue, recall or tell anyone
+            return [self._grant(the_pool, client, rid, now)]
         self._enqueue(client, Waiter(cid, rid, pool, now + timeout, now))
         return self._rebalance(pool, now)
 
@@ -808,18 +814,15 @@ class Ledger:
             waiter = self._pick(pool)
             client = self.clients[waiter.client]
             self._dequeue(client, waiter)
-            self._grant_seq += 1
-            lease = Lease(self.ids.issue(pool.name, self._id_in_use), pool.name, client.id,
-                          now, rid=waiter.rid, seq=self._grant_seq)
-            self._hold(pool, client, lease)
-            client.granted[waiter.rid] = lease.id
-            outs.append((client.id, "grant", self._grant_fields(lease)))
+            outs.append(self._grant(pool, client, waiter.rid, now))
         if pool.queue:
             pool.contended, pool.quiet_since = True, None
         elif pool.contended and pool.quiet_since is None:
             pool.quiet_since = now
         wanted = self._recall_targets(pool)
         contended = pool.contended
+        if not (wanted or contended or pool.told):
+            return outs  # nobody is owed a lease, nobody was told otherwise
         # who holds or wants leases here, and who must hear that a recall or the
         # contention ended; nobody else has anything to hear
         for cid in list(pool.demand) + [c for c in pool.told if c not in pool.demand]:
@@ -836,6 +839,14 @@ class Ledger:
             else:
                 pool.told.discard(cid)
         return outs
+
+    def _grant(self, pool: Pool, client: Client, rid: int, now: float) -> Out:
+        self._grant_seq += 1
+        lease = Lease(self.ids.issue(pool.name, self._id_in_use), pool.name, client.id,
+                      now, rid=rid, seq=self._grant_seq)
+        self._hold(pool, client, lease)
+        client.granted[rid] = lease.id
+        return (client.id, "grant", self._grant_fields(lease))
 
     def _settle(self, now: float) -> List[Out]:
         """Clear the contended flag of pools whose queue stayed empty long enough."""

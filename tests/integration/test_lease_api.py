@@ -10,7 +10,7 @@ import pytest
 import poolbroker_client
 from poolbroker_client import BrokerError, PoolError, PoolTimeout
 
-from conftest import Sampler, count_backends, new_tag, tagged
+from conftest import Sampler, Worker, count_backends, new_tag, tagged
 
 
 def test_a_lease_holds_a_slot_and_an_attached_connection_goes_before_the_next(pg,
@@ -44,7 +44,8 @@ def test_a_lease_holds_a_slot_and_an_attached_connection_goes_before_the_next(pg
             conn.cursor().execute("SELECT 1")
         t.join(5)
     assert sampler.max[tag] <= 1
-    assert broker.leased() == 0 and count_backends(pg.dsn, tag) == 0
+    # given back while nobody waits: the broker hears it with the next message
+    assert broker.wait_leased(0, timeout=5) == 0 and count_backends(pg.dsn, tag) == 0
 
 
 def test_alease_with_an_async_connection(pg, broker_factory):
@@ -69,7 +70,8 @@ def test_alease_with_an_async_connection(pg, broker_factory):
     with Sampler(pg.dsn, [tag]) as sampler:
         assert asyncio.run(main()) == [1, 1]
     assert sampler.max[tag] <= 1
-    assert broker.leased() == 0 and count_backends(pg.dsn, tag) == 0
+    # given back while nobody waits: the broker hears it with the next message
+    assert broker.wait_leased(0, timeout=5) == 0 and count_backends(pg.dsn, tag) == 0
 
 
 def test_alease_times_out_and_a_cancelled_task_leaks_nothing(pg, broker_factory):
@@ -88,7 +90,7 @@ def test_alease_times_out_and_a_cancelled_task_leaks_nothing(pg, broker_factory)
                 await waiter
 
     asyncio.run(main())
-    assert broker.leased() == 0
+    assert broker.wait_leased(0, timeout=5) == 0
 
 
 def test_lease_errors_name_their_cause(broker_factory, monkeypatch):
@@ -103,4 +105,25 @@ def test_lease_errors_name_their_cause(broker_factory, monkeypatch):
     with poolbroker_client.lease(broker=broker.url, timeout=2) as slot:
         with pytest.raises(PoolError, match="cannot find the socket"):
             slot.attach(object())
-    assert broker.leased() == 0
+    assert broker.wait_leased(0, timeout=5) == 0
+
+
+def test_a_release_kept_back_while_nobody_waits_goes_out_when_someone_does(pg, broker_factory):
+    # TTL 60 s: heartbeats every 20 s, so only the contention can carry the release
+    broker = broker_factory({"default": 1}, ttl=60)
+    tag = new_tag()
+    with poolbroker_client.lease(broker=broker.url, timeout=5):
+        pass
+    # the first heartbeat (a second after the link starts) carries that release
+    assert broker.wait_leased(0, timeout=10) == 0
+    with poolbroker_client.lease(broker=broker.url, timeout=5):
+        # the I/O thread is back in its poll once the broker shows the lease, so
+        # the release below waits for our next message (the slot stays counted)
+        assert broker.wait_leased(1, timeout=10) == 1
+    # someone waits (longer than nothing, far shorter than our next heartbeat): the
+    # broker tells us the pool is contended, and that sends the release
+    waiter = Worker({"mode": "hold", "n": 1, "dsn": tagged(pg.dsn, tag), "broker": broker.url,
+                     "timeout": 10})
+    waiter.wait_line("HOLDING", timeout=30)
+    waiter.finish()
+    assert waiter.result()["use_after"] == ["ok"]

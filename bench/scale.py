@@ -13,7 +13,7 @@
    as many DEALER processes the same way (one msgpack round trip each). Reported:
    both throughputs and their ratio, and the broker's CPU.
 
-With ``--profile`` the broker of part 2 runs under cProfile and the functions
+With ``--profile`` the brokers run under cProfile and the functions
 taking the most time are printed (its hot loop). No PostgreSQL is needed: leases
 are the broker's slots; nothing connects. Not a test: nothing here asserts a time.
 """
@@ -175,9 +175,22 @@ def role_echo_server(url: str) -> None:
 
 # ---------------------------------------------------------------------- parts
 
-def idle_fleet(holders: int, leases: int, window: float) -> Dict[str, Any]:
+def _profile_text(path: str) -> str:
+    text = io.StringIO()
+    pstats.Stats(path, stream=text).sort_stats("tottime").print_stats(15)
+    os.unlink(path)
+    return text.getvalue()
+
+
+def _profile_path() -> str:
+    return os.path.join(tempfile.gettempdir(), f"pb-broker-{uuid.uuid4().hex[:6]}.prof")
+
+
+def idle_fleet(holders: int, leases: int, window: float, profile: bool) -> Dict[str, Any]:
     url = f"ipc:///tmp/pbs-{uuid.uuid4().hex[:8]}.sock"
-    broker = start_broker(url, holders * leases)
+    prof = _profile_path()
+    broker = start_broker(url, holders * leases, prof if profile else None)
+    out: Dict[str, Any] = {}
     procs: List[subprocess.Popen] = []
     try:
         t0 = time.monotonic()
@@ -199,11 +212,11 @@ def idle_fleet(holders: int, leases: int, window: float) -> Dict[str, Any]:
             t = time.perf_counter()
             query_status(url, 10)
             latencies.append(time.perf_counter() - t)
-        return {"holders": holders, "leases": leased, "start_s": round(settle, 1),
-                "cpu_share": cpu, "rss_mb": rss_mb(broker.pid),
-                "status_ms_p50": statistics.median(latencies) * 1e3,
-                "status_ms_max": max(latencies) * 1e3,
-                "clients": len(status["clients"])}
+        out.update({"holders": holders, "leases": leased, "start_s": round(settle, 1),
+                    "cpu_share": cpu, "rss_mb": rss_mb(broker.pid),
+                    "status_ms_p50": statistics.median(latencies) * 1e3,
+                    "status_ms_max": max(latencies) * 1e3,
+                    "clients": len(status["clients"])})
     finally:
         for proc in procs:
             try:
@@ -217,6 +230,9 @@ def idle_fleet(holders: int, leases: int, window: float) -> Dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
         stop(broker)
+    if profile and os.path.exists(prof):
+        out["profile"] = _profile_text(prof)
+    return out
 
 
 def _run_fleet(procs: List[subprocess.Popen], seconds: float,
@@ -255,7 +271,7 @@ def flat_out(lessees: int, seconds: float, profile: bool) -> Dict[str, Any]:
         server.stdin.close()
         server.wait(10)
     url = f"ipc:///tmp/pbs-{uuid.uuid4().hex[:8]}.sock"
-    prof = os.path.join(tempfile.gettempdir(), f"pb-broker-{uuid.uuid4().hex[:6]}.prof")
+    prof = _profile_path()
     broker = start_broker(url, lessees * 2, prof if profile else None)
     try:
         out["lease_s"], out["broker_cpu"] = _run_fleet(
@@ -264,11 +280,7 @@ def flat_out(lessees: int, seconds: float, profile: bool) -> Dict[str, Any]:
         stop(broker)
     out["ratio"] = out["lease_s"] / out["echo_rt_s"]
     if profile and os.path.exists(prof):
-        text = io.StringIO()
-        stats = pstats.Stats(prof, stream=text)
-        stats.sort_stats("tottime").print_stats(15)
-        out["profile"] = text.getvalue()
-        os.unlink(prof)
+        out["profile"] = _profile_text(prof)
     return out
 
 
@@ -292,11 +304,13 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     parts = args.parts.split(",")
     if "idle" in parts:
-        r = idle_fleet(args.holders, args.leases, args.window)
+        r = idle_fleet(args.holders, args.leases, args.window, args.profile)
         print(f"\nidle fleet: {r['clients']} processes holding {r['leases']} leases "
               f"(all held after {r['start_s']}s), over {args.window:g}s:")
         print(f"  broker CPU {r['cpu_share'] * 100:.2f}% of a core, RSS {r['rss_mb']:.1f} MB; "
               f"status {r['status_ms_p50']:.1f} ms median, {r['status_ms_max']:.1f} ms worst")
+        if "profile" in r:
+            print("\nbroker profile (by own time):\n" + r["profile"])
     if "flat" in parts:
         r = flat_out(args.lessees, args.seconds, args.profile)
         print(f"\n{r['processes']} processes flat out, {args.seconds:g}s each:")

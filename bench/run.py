@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
 
 import msgpack
 import psycopg2
@@ -44,13 +44,16 @@ def per_op(fn: Callable[[], None], n: int, rounds: int) -> float:
     return statistics.median(times)
 
 
-def start_broker(url: str, budget: int) -> subprocess.Popen:
-    """A broker with one pool, ``default``, of ``budget``, answering on ``url``."""
-    proc = subprocess.Popen([sys.executable, "-m", "poolbroker", "serve", "--bind", url,
-                             "--pool", f"default={budget}", "--log-level", "WARNING",
-                             # a throwaway address: no earlier run left leases behind
-                             "--grace", "0"])
-    deadline = time.monotonic() + 20
+def start_broker(url: str, budget: int, *, extra: Sequence[str] = (),
+                 profile: Optional[str] = None) -> subprocess.Popen:
+    """A broker with one pool, ``default``, of ``budget``, answering on ``url``;
+    ``extra`` serve options; with ``profile``, under cProfile writing there."""
+    argv = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
+    proc = subprocess.Popen(argv + ["-m", "poolbroker", "serve", "--bind", url,
+                                    "--pool", f"default={budget}", "--log-level", "WARNING",
+                                    # a throwaway address: no earlier run left leases behind
+                                    "--grace", "0", *extra])
+    deadline = time.monotonic() + 30
     while True:
         try:
             query_status(url, 0.5)

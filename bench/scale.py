@@ -31,8 +31,9 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from bench.run import start_broker
 from poolbroker.cli import query_status
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,22 +46,9 @@ def _env() -> Dict[str, str]:
     return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def start_broker(url: str, budget: int, profile: Optional[str] = None) -> subprocess.Popen:
-    argv = [sys.executable]
-    if profile:
-        argv += ["-m", "cProfile", "-o", profile]
-    argv += ["-m", "poolbroker", "serve", "--bind", url, "--pool", f"default={budget}",
-             "--log-level", "WARNING", "--grace", "0", "--max-clients", "10000"]
-    proc = subprocess.Popen(argv, env=_env())
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            query_status(url, 0.5)
-            return proc
-        except TimeoutError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"the broker did not start on {url}") from None
+def scale_broker(url: str, budget: int, profile: Optional[str]) -> subprocess.Popen:
+    # more clients than the default cap may join
+    return start_broker(url, budget, extra=("--max-clients", "10000"), profile=profile)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -95,6 +83,20 @@ def rss_mb(pid: int) -> float:
 
 # ---------------------------------------------------------------------- roles
 
+def _timed(one: Callable[[], None]) -> None:
+    """Say ready, read the window (epoch seconds ``[start, end]``) from stdin, call
+    ``one`` back to back through it, print how many calls were made."""
+    print("ready", flush=True)
+    start, end = json.loads(sys.stdin.readline())
+    while time.time() < start:
+        time.sleep(0.001)
+    count = 0
+    while time.time() < end:
+        one()
+        count += 1
+    print(json.dumps(count), flush=True)
+
+
 def role_hold(url: str, n: int) -> None:
     """Hold ``n`` leases until stdin closes."""
     import contextlib
@@ -112,18 +114,12 @@ def role_lease(url: str) -> None:
     """``with lease(): pass`` from ``start`` to ``end`` (read from stdin)."""
     import poolbroker_client
 
-    with poolbroker_client.lease(broker=url):  # the link starts outside the timing
-        pass
-    print("ready", flush=True)
-    start, end = json.loads(sys.stdin.readline())
-    count = 0
-    while time.time() < start:
-        time.sleep(0.001)
-    while time.time() < end:
+    def one() -> None:
         with poolbroker_client.lease(broker=url):
             pass
-        count += 1
-    print(json.dumps(count), flush=True)
+
+    one()  # the link starts outside the timing
+    _timed(one)
 
 
 def role_echo_client(url: str) -> None:
@@ -134,18 +130,13 @@ def role_echo_client(url: str) -> None:
     sock.connect(url)
     payload = msgpack.packb({"v": 1, "op": "acquire", "rid": 1, "pool": "default",
                              "timeout": 30.0})
-    sock.send(payload)
-    msgpack.unpackb(sock.recv())
-    print("ready", flush=True)
-    start, end = json.loads(sys.stdin.readline())
-    count = 0
-    while time.time() < start:
-        time.sleep(0.001)
-    while time.time() < end:
+
+    def one() -> None:
         sock.send(payload)
         msgpack.unpackb(sock.recv())
-        count += 1
-    print(json.dumps(count), flush=True)
+
+    one()
+    _timed(one)
     sock.close(0)
 
 
@@ -189,7 +180,7 @@ def _profile_path() -> str:
 def idle_fleet(holders: int, leases: int, window: float, profile: bool) -> Dict[str, Any]:
     url = f"ipc:///tmp/pbs-{uuid.uuid4().hex[:8]}.sock"
     prof = _profile_path()
-    broker = start_broker(url, holders * leases, prof if profile else None)
+    broker = scale_broker(url, holders * leases, prof if profile else None)
     out: Dict[str, Any] = {}
     procs: List[subprocess.Popen] = []
     try:
@@ -272,7 +263,7 @@ def flat_out(lessees: int, seconds: float, profile: bool) -> Dict[str, Any]:
         server.wait(10)
     url = f"ipc:///tmp/pbs-{uuid.uuid4().hex[:8]}.sock"
     prof = _profile_path()
-    broker = start_broker(url, lessees * 2, prof if profile else None)
+    broker = scale_broker(url, lessees * 2, prof if profile else None)
     try:
         out["lease_s"], out["broker_cpu"] = _run_fleet(
             [spawn("lease", url) for _ in range(lessees)], seconds, broker.pid)

@@ -256,8 +256,8 @@ class ConnectionPool:
             if not (discard or self._waiting or self._closed or client is None
                     or self._reset is not None or conn.closed
                     or conn.get_transaction_status() != _STATUS_OK
-                    or c.lease in client._lost or client._debt.get(self._broker_pool)
-                    or client._contended.get(self._broker_pool)):
+                    or client.is_lost(c.lease) or client.recall_owed(self._broker_pool)
+                    or client.contended(self._broker_pool)):
                 now = time.monotonic()
                 if now < c.expires:
                     c.returned = now
@@ -632,11 +632,7 @@ class ConnectionPool:
                     self._trim_locked()
                     return
                 self._idle.append(c)
-                if self._contended():
-                    # others wait for a slot: the janitor gives this one back if
-                    # nobody here takes it within what a move costs
-                    self._start_janitor_locked()
-                    self._cond.notify_all()
+                self._watch_idle_locked()
         if closed:
             self._discard(c, "pool closed")
 
@@ -683,6 +679,13 @@ class ConnectionPool:
         client = self._client
         return client is not None and client.contended(self._broker_pool)
 
+    def _watch_idle_locked(self) -> None:
+        """While others wait for a slot, wake the janitor: it gives back an idle
+        connection nobody here takes within what a move costs."""
+        if self._idle and self._contended():
+            self._start_janitor_locked()
+            self._cond.notify_all()
+
     def _hold_idle(self) -> float:
         """How long an idle connection is kept while others wait for a slot.
 
@@ -706,31 +709,30 @@ class ConnectionPool:
         spare = len(self._all) - self.min_size
         out: List[_Conn] = []
         while self._idle and spare > 0 and now - self._idle[0].returned >= hold:
-            c = self._idle.popleft()  # the one idle longest
-            del self._all[id(c.conn)]
-            self._closing += 1
-            self._stats["leases_yielded"] += 1
-            out.append(c)
+            out.append(self._take_idle_out_locked("leases_yielded"))
             spare -= 1
         due = self._idle[0].returned + hold if self._idle and spare > 0 else math.inf
         return out, due
+
+    def _take_idle_out_locked(self, stat: str) -> _Conn:
+        """Take the connection idle longest out of the pool, to be closed and its
+        lease given back (counted in ``stat``)."""
+        c = self._idle.popleft()
+        del self._all[id(c.conn)]
+        self._closing += 1
+        self._stats[stat] += 1
+        return c
 
     def _on_recall(self) -> None:
         """The broker wants leases back (give idle connections first), or says
         others wait (the janitor gives back what stays idle). I/O thread."""
         client = self._lease_client()
         with self._lock:
-            if self._idle and client.contended(self._broker_pool):
-                self._start_janitor_locked()
-                self._cond.notify_all()
+            self._watch_idle_locked()
             while self._idle and client.recall_owed(self._broker_pool) > 0:
                 if not client.take_recall(self._broker_pool):
                     break
-                c = self._idle.popleft()  # the one idle longest
-                del self._all[id(c.conn)]
-                self._closing += 1
-                self._stats["leases_recalled"] += 1
-                self._jobs.append(c)
+                self._jobs.append(self._take_idle_out_locked("leases_recalled"))
             if self._jobs:
                 self._start_janitor_locked()
                 self._cond.notify_all()
@@ -942,13 +944,13 @@ class ConnectionPool:
 # finalizes them (their descriptors already point at a dead socket).
 _inherited_graveyard: List[Any] = []
 
-HOLD_IDLE_FLOOR = 0.1
-_RECALLED = "recalled by the broker"
 # The least time an idle connection is kept while others wait for a slot. On the
 # 2-core development machine a move cost 15-30 ms of slot time under load, and
 # processes that gave idle connections back after 5 ms lost throughput to the
 # moves (bench/fleet.py, skewed load: 1,971 tx/s yielding vs 2,219 keeping).
-_ROUTINE = {"max_lifetime reached", "idle while others wait", "idle for max_idle", _RECALLED,
+HOLD_IDLE_FLOOR = 0.1
+_RECALLED = "recalled by the broker"
+_ROUTINE = {"max_lifetime reached", "idle for max_idle", _RECALLED,
             "pool closed", "process exit", "lease expired at the broker",
             "pool closed while connecting", "putconn(close=True)",
             "idle_timeout=0 and minconn idle already"}

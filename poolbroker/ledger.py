@@ -110,7 +110,7 @@ class Client:
     contended: Dict[str, bool] = field(default_factory=dict)  # pool -> as last told
 
     def held(self, pool: str) -> int:
-        """Leases held in ``pool`` (counted: for views and tests, not hot paths)."""
+        """Leases held in ``pool``, counted (for tests; the ledger keeps ``Pool.demand``)."""
         return sum(1 for lease in self.leases.values() if lease.pool == pool)
 
 
@@ -798,12 +798,6 @@ class Ledger:
         copy: the ledger keeps its own up to date)."""
         return {cid: Demand(d.held, d.waiting, d.idle)
                 for cid, d in self.pools[pool_name].demand.items()}
-
-    def level(self, pool_name: str) -> float:
-        """The pool's water level: what a client wanting more than it is entitled
-        to (infinity when every want fits)."""
-        pool = self.pools[pool_name]
-        return water_level([d.want for d in pool.demand.values()], pool.max)
 
     def _rebalance(self, pool_name: str, now: float) -> List[Out]:
         """Grant what fits, then decide who should give leases back."""

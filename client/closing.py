@@ -75,14 +75,21 @@ def _at_eof(sock: socket.socket) -> bool:
         return True  # reset: the connection is gone
 
 
-def close_and_wait(items: List[Tuple[Any, Optional[int]]], timeout: float = 10.0) -> List[int]:
-    """Close every ``(conn, fd)`` and wait until the server has seen them go (see the
+def close_and_wait(items: List[Tuple[Any, Optional[int]]], timeout: float = 10.0,
+                   close: Optional[Callable[[Any], None]] = None) -> List[int]:
+    """Close every ``(conn, fd)`` (with ``close(conn)``, default ``conn.close()``; a
+    ``None`` conn is skipped) and wait until the server has seen them go (see the
     module doc). All Terminates go out first, so N connections cost one wait.
     Returns the positions in ``items`` whose server was not seen to close in time;
     their descriptors stay open (the caller watches or closes them)."""
     for conn, _ in items:
+        if conn is None:
+            continue
         try:
-            conn.close()
+            if close is None:
+                conn.close()
+            else:
+                close(conn)
         except Exception:
             pass
     late = set(wait_eof([fd for _, fd in items], timeout))

@@ -23,6 +23,10 @@ class PoolClosed(PoolError):
     """The pool is closed."""
 
 
+class TooManyRequests(PoolError):
+    """Too many callers wait already (the pool's ``max_waiting``)."""
+
+
 class BrokerError(PoolError):
     """The broker refused a request (``code`` says why, e.g. ``unknown_pool``)."""
 

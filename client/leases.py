@@ -19,7 +19,6 @@ broker no longer knows us, the held grants are dropped (it rejects their leases)
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
@@ -28,14 +27,14 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set
 
 import zmq
 
 from poolbroker import protocol as p
 from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
 
-from . import closing
+from . import closing, lifecycle
 from .errors import BrokerError, PoolError
 
 log = logging.getLogger("poolbroker_client")
@@ -45,6 +44,31 @@ log = logging.getLogger("poolbroker_client")
 UNCONFIRMED_WATCH = 8000.0
 
 Callback = Callable[["LeaseRequest", Optional[int], Optional[BaseException]], None]
+
+
+class LeaseOwner(Protocol):
+    """What the lease client needs of a pool that registers with it
+    (:meth:`LeaseClient.register`); :class:`poolbroker_client.core.PoolCore` is one.
+    Both calls come from the I/O thread: they must not block."""
+
+    @property
+    def pool(self) -> str:
+        """The broker pool it leases from."""
+        ...
+
+    def idle_leases(self) -> int:
+        """Leases whose connections sit idle (the broker recalls those first)."""
+        ...
+
+    def on_recall(self) -> None:
+        """The broker wants leases of :attr:`pool` back (see
+        :meth:`LeaseClient.take_recall`), or says others wait there
+        (:meth:`LeaseClient.contended`)."""
+        ...
+
+    def on_lost(self, leases: Set[int]) -> None:
+        """The broker no longer counts these leases: their connections must go."""
+        ...
 
 
 class LeaseRequest:
@@ -74,9 +98,24 @@ class LeaseClient:
         """The client for ``url`` in this process (a new one after ``fork()``)."""
         with cls._registry_lock:
             client = cls._registry.get(url)
-            if client is None or client._pid != os.getpid():
+            if client is None or not client.in_this_process():
                 client = cls._registry[url] = cls(url)
             return client
+
+    @classmethod
+    def in_process(cls) -> List["LeaseClient"]:
+        """Every client of this process (for saying bye at exit)."""
+        with cls._registry_lock:
+            return [c for c in cls._registry.values() if c.in_this_process()]
+
+    @classmethod
+    def forget_all(cls) -> List["LeaseClient"]:
+        """In a forked child: drop every client (their sockets and threads are
+        the parent's) and return them, to be kept referenced but never used."""
+        cls._registry_lock = threading.Lock()  # the parent's may be held
+        inherited = list(cls._registry.values())
+        cls._registry = {}
+        return inherited
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -90,7 +129,7 @@ class LeaseClient:
         self._lost: set = set()
         self._debt: Dict[str, int] = {}  # pool -> leases the broker wants back
         self._contended: Dict[str, bool] = {}  # pool -> others wait for leases there
-        self._pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._pools: "weakref.WeakSet[LeaseOwner]" = weakref.WeakSet()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -118,12 +157,22 @@ class LeaseClient:
 
     # ------------------------------------------------------------- any thread
 
-    def register(self, pool: Any) -> None:
+    def register(self, pool: LeaseOwner) -> None:
         """Pools register so that recalls and lost leases reach them."""
         self._pools.add(pool)
 
-    def unregister(self, pool: Any) -> None:
+    def unregister(self, pool: LeaseOwner) -> None:
         self._pools.discard(pool)
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds between heartbeats (the broker's setting): a thread that was
+        frozen for longer may hold leases the broker expired."""
+        return self._heartbeat
+
+    def in_this_process(self) -> bool:
+        """False in a forked child: the client belongs to the parent."""
+        return self._pid == os.getpid()
 
     def acquire(self, pool: str, timeout: float, callback: Callback) -> LeaseRequest:
         """Ask for a lease in ``pool``; ``callback(req, lease, error)`` runs on the
@@ -285,7 +334,7 @@ class LeaseClient:
         self._thread = threading.Thread(target=self._run, name=f"poolbroker-io-{self.url}",
                                         daemon=True)
         self._thread.start()
-        _on_first_start()
+        lifecycle.on_first_start()
 
     def _wake(self) -> None:
         try:
@@ -424,7 +473,7 @@ class LeaseClient:
         idle: Dict[str, int] = {}
         for pool in list(self._pools):
             try:
-                name, n = pool._idle_count()
+                name, n = pool.pool, pool.idle_leases()
             except Exception:  # a hint for recalls only: never worth the thread
                 log.exception("%s: counting idle connections failed", pool)
                 continue
@@ -621,9 +670,9 @@ class LeaseClient:
             self._contended[pool] = contended
         if count or contended:
             for owner in list(self._pools):
-                if owner._broker_pool == pool:
+                if owner.pool == pool:
                     try:
-                        owner._on_recall()
+                        owner.on_recall()
                     except Exception:
                         log.exception("%s: acting on a recall failed", owner)
 
@@ -647,7 +696,7 @@ class LeaseClient:
             return
         for owner in list(self._pools):
             try:
-                owner._on_lost(lost)
+                owner.on_lost(lost)
             except Exception:
                 log.exception("%s: cutting connections of lost leases failed", owner)
 
@@ -682,74 +731,3 @@ def _process_name() -> str:
         return "" if name == "MainProcess" else name
     except Exception:
         return ""
-
-
-# --------------------------------------------------------------- process life
-
-# Every pool, for fork handling; open pools are also held strongly, so that a pool
-# dropped without close() is not collected with leases still counted for it.
-_live_pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
-_open_pools: set = set()
-_exit_hooked_pid = 0
-
-
-def track_pool(pool: Any, is_open: bool) -> None:
-    _live_pools.add(pool)
-    if is_open:
-        _open_pools.add(pool)
-    else:
-        _open_pools.discard(pool)
-
-
-def _on_first_start() -> None:
-    """Once per process: make sure leases go back when the process exits.
-
-    atexit covers ordinary exits. multiprocessing children end with ``os._exit``,
-    which skips atexit, but they run multiprocessing's finalizers first."""
-    global _exit_hooked_pid
-    if _exit_hooked_pid == os.getpid():
-        return
-    _exit_hooked_pid = os.getpid()
-    try:
-        import multiprocessing
-        import multiprocessing.util
-
-        if multiprocessing.parent_process() is not None:
-            multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
-    except Exception:
-        pass
-
-
-def shutdown() -> None:
-    """Close every pool of this process and say bye to every broker. Runs at exit;
-    idempotent."""
-    for pool in list(_live_pools):
-        try:
-            pool._close_at_exit()
-        except Exception:
-            log.exception("closing pool at exit")
-    for client in list(LeaseClient._registry.values()):
-        if client._pid == os.getpid():
-            client.close()
-
-
-def _after_fork_in_child() -> None:
-    # The child must not touch the parent's socket, thread or connections. Drop
-    # the clients (their sockets belong to the parent; pyzmq skips closing them
-    # in a child) and let every pool forget what it inherited.
-    LeaseClient._registry_lock = threading.Lock()
-    _graveyard.extend(LeaseClient._registry.values())
-    LeaseClient._registry = {}
-    _open_pools.clear()
-    for pool in list(_live_pools):
-        try:
-            pool._after_fork_in_child()
-        except Exception:
-            log.exception("resetting a pool after fork")
-
-
-_graveyard: List[LeaseClient] = []  # kept alive so nothing is finalized in the child
-
-atexit.register(shutdown)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

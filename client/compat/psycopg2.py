@@ -82,12 +82,12 @@ class AbstractConnectionPool:
             name=f"{type(self).__name__}-{id(self):x}")
         # like psycopg2.pool, open minconn now: a bad DSN fails the constructor;
         # if the budget is full, the rest are opened on demand
-        self._leased._prefill(self.minconn)
+        self._leased.prefill(self.minconn)
 
     @property
     def _pool(self) -> List[Any]:
         """The idle connections (psycopg2.pool keeps them in this list)."""
-        return self._leased._idle_connections()
+        return self._leased.idle_connections()
 
     def _getkey(self) -> int:
         self._keys += 1
@@ -108,7 +108,7 @@ class AbstractConnectionPool:
                 return self._used[key]
             if len(self._used) >= self.maxconn:
                 raise PoolError("connection pool exhausted")
-            conn = self._leased._take_idle()  # the hot path: no waiting, no broker
+            conn = self._leased.take_idle()  # the hot path: no waiting, no broker
             if conn is not None:
                 self._used[key] = conn
                 self._rused[id(conn)] = key
@@ -143,7 +143,10 @@ class AbstractConnectionPool:
                     raise PoolError("trying to put unkeyed connection")
             self._used.pop(key, None)
             self._rused.pop(id(conn), None)
-        self._leased._return(conn, "putconn(close=True)" if close else None)
+        if close:  # closed before we return, like psycopg2's pools
+            self._leased.discard(conn, "putconn(close=True)", now=True)
+        else:
+            self._leased.putconn(conn)
 
     def _closeall(self) -> None:
         with self._lock:
@@ -154,7 +157,7 @@ class AbstractConnectionPool:
             self._rused.clear()
             self._filled.notify_all()
         # like psycopg2.pool: connections in use are closed too
-        self._leased._close_everything()
+        self._leased.close_everything()
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} minconn={self.minconn} maxconn={self.maxconn} "

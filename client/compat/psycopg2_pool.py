@@ -17,8 +17,12 @@ What differs, on purpose:
 * ``putconn`` refuses a connection that did not come from this pool (the original
   adopts it);
 * idle connections are expired by a background thread as well as on
-  ``getconn``/``putconn``; ``minconn`` connections are opened in the background
+  ``getconn`` (as in the original, one idle longer than ``idle_timeout`` is
+  never handed out); ``minconn`` connections are opened in the background
   when the budget is momentarily full at construction;
+* ``idle_connections`` and ``return_times`` are snapshots (read them to monitor
+  the pool; changing them changes nothing); ``return_times`` holds
+  ``time.monotonic()`` values where the original uses ``perf_counter()``;
 * the names psycopg2-pool's documentation uses but the package lacks exist:
   ``ThreadedConnectionPool`` and ``close()``;
 * ``PoolError`` is poolbroker's, a subclass of ``psycopg2.pool.PoolError``
@@ -34,10 +38,11 @@ import math
 import threading
 import weakref
 from collections import deque
-from typing import Any, Deque, Optional
+from typing import Any, Deque, Dict, Optional
 
 from psycopg2 import extensions as _ext
 
+from ..core import Retire
 from ..errors import PoolError, PoolTimeout
 from ..pool import ConnectionPool as _LeasedPool
 from .psycopg2 import POOL_KEYWORDS
@@ -80,13 +85,18 @@ class ConnectionPool:
         # like the original, open minconn now (a bad DSN raises here), unless the
         # budget is full; only then does the background keep minconn (started
         # earlier, it would open extra connections alongside these)
-        self._leased._prefill(int(minconn))
-        self._leased._keep_min_size(int(minconn))
+        self._leased.prefill(int(minconn))
+        self._leased.keep_min_size(int(minconn))
 
     @property
     def idle_connections(self) -> Deque[Any]:
-        """The idle connections, oldest first (a snapshot)."""
-        return deque(self._leased._idle_connections())
+        """The idle connections, the one idle longest first (a snapshot)."""
+        return deque(self._leased.idle_connections())
+
+    @property
+    def return_times(self) -> Dict[Any, float]:
+        """When each idle connection came back (``time.monotonic()``; a snapshot)."""
+        return dict(zip(self._leased.idle_connections(), self._leased.idle_since()))
 
     def getconn(self) -> Any:
         """Get a connection: an idle one (last in, first out), or a new one inside a
@@ -98,10 +108,12 @@ class ConnectionPool:
                 raise PoolError("connection pool exhausted")
             self._reserved += 1
         try:
+            if self.idle_timeout:  # like the original: never hand out a stale one
+                self._leased.expire_idle(float(self.idle_timeout), keep=0)
             while True:
                 conn = self._leased.getconn()
                 if conn.closed or conn.get_transaction_status() != _ext.TRANSACTION_STATUS_IDLE:
-                    self._leased._return(conn, "broken when taken from the pool")
+                    self._leased.discard(conn, "broken when taken from the pool", Retire.BROKEN)
                     continue
                 break
             self.connections_in_use.add(conn)
@@ -114,15 +126,15 @@ class ConnectionPool:
         """Return a connection (even a closed one). A transaction left open is
         rolled back; a broken or closed connection is discarded."""
         self.connections_in_use.discard(conn)
-        if self.idle_timeout == 0 and len(self._leased._idle_connections()) >= self.minconn:
-            self._leased._return(conn, "idle_timeout=0 and minconn idle already")
+        if self.idle_timeout == 0 and len(self._leased.idle_connections()) >= self.minconn:
+            self._leased.discard(conn, "idle_timeout=0 and minconn idle already", now=True)
         else:
             self._leased.putconn(conn)
 
     def clear(self) -> None:
         """Close and discard every idle connection now (whatever ``minconn`` and
         ``idle_timeout`` say)."""
-        self._leased._clear_idle()
+        self._leased.clear_idle()
 
     def close(self) -> None:
         """Close the pool: idle connections now, those in use when returned."""

@@ -1,0 +1,1149 @@
+"""PoolCore: the local pool every poolbroker pool is built on, whatever the driver.
+
+Every connection the pool opens sits inside a lease granted by the broker, so the
+total across all processes never exceeds the broker's budget. The hot path (an idle
+connection is here) touches no socket. The cold path asks the broker for a lease
+(one round trip), connects, and tells the broker the backend pid without waiting.
+
+The core knows no driver: a :class:`~poolbroker_client.connectors.Connector`
+opens, inspects and closes connections. :class:`poolbroker_client.ConnectionPool`
+is this core with psycopg2; the drop-ins (:mod:`poolbroker_client.compat`) are thin
+layers over it, through the hooks documented in the section "hooks for drop-ins"
+below. A connection is retired in one way only: taken out of the pool, closed,
+and its lease given back once the server has seen it close.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
+
+from . import closing
+from .connectors import Connector, Status
+from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout, TooManyRequests
+from .leases import LeaseClient, LeaseRequest, settings
+from .lifecycle import track_pool
+
+log = logging.getLogger("poolbroker_client")
+
+
+class _Conn:
+    """A pooled connection and what the pool knows about it."""
+
+    __slots__ = ("conn", "lease", "fd", "created", "returned", "expires", "in_use")
+
+    def __init__(self, conn: Any, lease: int, fd: Optional[int], expires: float) -> None:
+        self.conn = conn
+        self.lease = lease
+        self.fd = fd
+        self.created = self.returned = time.monotonic()
+        self.expires = expires
+        self.in_use = True
+
+
+class Waiter:
+    """A caller waiting for a connection (see :meth:`PoolCore.checkout`). Served by
+    exactly one of: a returned connection, a granted lease (the caller then
+    connects inside it), or an error; :meth:`PoolCore.finish_wait` says which.
+    ``wake`` is called (from any thread, under the pool's lock: it must not
+    block) once it is served; by default it sets ``event``."""
+
+    __slots__ = ("event", "wake", "deadline", "done", "conn", "lease", "error", "req",
+                 "warm", "granted_at")
+
+    def __init__(self, deadline: float, warm: bool = False,
+                 wake: Optional[Callable[[], None]] = None) -> None:
+        self.warm = warm  # opened by the janitor for min_size, not by a caller
+        self.event = threading.Event()
+        self.wake: Callable[[], None] = wake or self.event.set
+        self.deadline = deadline
+        self.done = False
+        self.conn: Optional[_Conn] = None
+        self.lease: Optional[int] = None
+        self.error: Optional[BaseException] = None
+        self.req: Optional[LeaseRequest] = None
+        self.granted_at = 0.0  # when the grant reached us (a freeze after it shows)
+
+
+class PoolCore:
+    """A pool of connections inside the broker's budget, for any driver.
+
+    :param conninfo: libpq connection string (or URL), or a function returning
+        one (called at each connect).
+    :param connector: the driver (see :mod:`poolbroker_client.connectors`).
+    :param broker: the broker's ZeroMQ endpoint; default ``$POOLBROKER_URL``.
+    :param pool: the broker pool (budget) to lease from; default
+        ``$POOLBROKER_POOL``, then ``"default"``.
+    :param min_size: connections kept open (and leased) even when idle.
+    :param max_size: this process's own cap; ``None`` for no local cap (the
+        broker's budget still applies).
+    :param timeout: default seconds :meth:`getconn` waits, covering both the wait
+        for a lease and the connect.
+    :param max_idle: seconds an idle connection above ``min_size`` is kept before
+        it is closed and its lease given back.
+    :param max_lifetime: seconds after which a connection is replaced.
+    :param kwargs: extra keyword arguments for the driver's connect, or a
+        function returning them (called at each connect).
+    :param configure: called with each new connection before first use.
+    :param reset: called with each connection handed back (after any rollback).
+    :param name: the pool's name in logs and stats; default ``pool-N``.
+    :param open: open at once (default); otherwise call :meth:`open`.
+    :param max_waiting: callers allowed to wait at once (0: no limit); one more
+        gets :class:`TooManyRequests` at once.
+    :param reconnect_timeout: seconds of failing to open connections for
+        ``min_size`` after which ``reconnect_failed`` is called (once per outage).
+    :param reconnect_failed: called with the pool when that happens.
+    """
+
+    _counter = itertools.count(1)
+
+    def __init__(
+        self,
+        conninfo: Union[str, Callable[[], str]] = "",
+        *,
+        connector: Connector[Any],
+        broker: Optional[str] = None,
+        pool: Optional[str] = None,
+        min_size: int = 0,
+        max_size: Optional[int] = None,
+        timeout: float = 30.0,
+        max_idle: float = 600.0,
+        max_lifetime: float = 3600.0,
+        kwargs: Union[Dict[str, Any], Callable[[], Dict[str, Any]], None] = None,
+        configure: Optional[Callable[[Any], None]] = None,
+        reset: Optional[Callable[[Any], None]] = None,
+        name: Optional[str] = None,
+        open: bool = True,
+        close_timeout: float = 10.0,
+        max_waiting: int = 0,
+        reconnect_timeout: float = 300.0,
+        reconnect_failed: Optional[Callable[[Any], None]] = None,
+    ) -> None:
+        if min_size < 0:
+            raise ValueError("min_size must be >= 0")
+        if max_size is not None and max_size < max(1, min_size):
+            raise ValueError("max_size must be >= min_size and >= 1")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.conninfo = conninfo
+        self.connector = connector
+        self.kwargs: Union[Dict[str, Any], Callable[[], Dict[str, Any]]] = \
+            kwargs if callable(kwargs) else dict(kwargs or {})
+        self.max_waiting = max_waiting
+        self.reconnect_timeout = reconnect_timeout
+        self._reconnect_failed = reconnect_failed
+        self._broker_pool, self.broker = settings(pool, broker)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self.max_lifetime = max_lifetime
+        self.close_timeout = close_timeout
+        self._configure = configure
+        self._reset = reset
+        self.name = name or f"pool-{next(self._counter)}"
+        self._init_state()
+        self._closed = True
+        track_pool(self, False)
+        if open:
+            self.open()
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # wait() and the janitor
+        self._idle: Deque[_Conn] = deque()
+        self._all: Dict[int, _Conn] = {}  # id(conn) -> _Conn, idle or in use
+        self._waiting: Deque[Waiter] = deque()
+        self._opening = 0  # leases granted, connection being opened
+        self._pending = 0  # lease requests outstanding at the broker
+        # The callers' requests belong to the pool, not to a waiting thread: a
+        # thread served by a returned connection leaves its request to the next
+        # one, so a busy pool sends nothing to the broker in steady state.
+        self._reqs: Dict[int, LeaseRequest] = {}
+        # what moving a lease costs here (a close seen by the server, and getting
+        # one back: the wait for a lease plus the connect), learnt as we go: how
+        # long an idle connection is kept while others wait for one (_hold_idle)
+        self._acquire_s = 0.002
+        self._close_s = 0.0005
+        self._closing = 0  # closed, waiting for the server to see it before release
+        self._jobs: Deque[_Conn] = deque()  # discarded connections for the janitor to close
+        self._janitor: Optional[threading.Thread] = None
+        self._warming = False
+        self._warm_backoff = 0.0
+        self._revive = False  # start the janitor on first use (after fork)
+        self._client: Optional[LeaseClient] = None
+        self._stats: Dict[str, float] = dict.fromkeys(_STAT_COUNTERS, 0)
+        self._drained_at = 0.0  # connections opened before are replaced on return
+        self._failing_since: Optional[float] = None  # warm-up connects failing since
+
+    # ----------------------------------------------------------------- public
+
+    @property
+    def pool(self) -> str:
+        """The broker pool (budget) this pool leases from."""
+        return self._broker_pool
+
+    @property
+    def closed(self) -> bool:
+        """True if the pool is closed (or was never opened)."""
+        return self._closed
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Open the pool: start keeping ``min_size`` connections. With ``wait``,
+        block until they are open (see :meth:`wait`)."""
+        with self._lock:
+            if not self._closed:
+                return
+            self._closed = False
+            track_pool(self, True)
+            if self.min_size:
+                self._start_janitor_locked()
+        log.info("%s: opened (broker %s, pool %r, min_size %d, max_size %s)", self.name,
+                 self.broker, self._broker_pool, self.min_size, self.max_size)
+        if wait:
+            self.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until ``min_size`` connections are open; :class:`PoolTimeout` if
+        that takes longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._all) < self.min_size:
+                self._check_open()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PoolTimeout(
+                        f"{self.name}: {len(self._all)} of min_size {self.min_size} connections "
+                        f"open after {timeout:g}s ({self._lease_client().describe_broker()})")
+                self._cond.wait(left)
+
+    def getconn(self, timeout: Optional[float] = None) -> Any:
+        """Take a connection; hand it back with :meth:`putconn`.
+
+        Waits up to ``timeout`` seconds (default: the pool's ``timeout``) for a
+        connection to come back or a lease to be granted, then raises
+        :class:`PoolTimeout`. Database errors on connect are raised as they are,
+        and the lease goes back at once.
+        """
+        start = time.monotonic()
+        if timeout is None:
+            timeout = self.timeout
+        got = self.checkout(start, timeout)
+        if not isinstance(got, Waiter):
+            return got
+        got.event.wait(max(0.0, got.deadline - start))
+        conn, lease = self.finish_wait(got, start, timeout)
+        if lease is None:
+            return conn
+        conn = self.open_leased(lease, got.deadline, for_caller=True, granted_at=got.granted_at)
+        self.note_acquired(start)
+        return conn
+
+    def putconn(self, conn: Any) -> None:
+        """Hand back a connection from :meth:`getconn`.
+
+        A transaction left open is rolled back; a closed or broken connection is
+        discarded and its lease given back once the server has seen it close.
+        """
+        self._return(conn, None)
+
+    def _return(self, conn: Any, discard: Optional[Tuple[str, "Retire"]],
+                now: bool = False) -> None:
+        """putconn(), or with ``discard`` (reason, kind) close it instead of keeping
+        it (``now``: in this thread, else the janitor's)."""
+        client = self._client
+        with self._lock:
+            c = self._all.get(id(conn))
+            if c is None or c.conn is not conn:
+                raise PoolError(f"can't return connection to pool {self.name!r}, "
+                                "it doesn't come from it")
+            if not c.in_use:
+                raise PoolError(f"{self.name}: connection returned twice")
+            c.in_use = False
+            # the common case, under the same lock: a clean connection back to
+            # an open pool, nobody waiting, nothing owed to the broker
+            if not (discard or self._waiting or self._closed or client is None
+                    or self._reset is not None or c.created <= self._drained_at
+                    or self.connector.status(conn) is not Status.IDLE
+                    or client.is_lost(c.lease) or client.recall_owed(self._broker_pool)
+                    or client.contended(self._broker_pool)):
+                t = time.monotonic()
+                if t < c.expires:
+                    c.returned = t
+                    self._idle.append(c)
+                    return
+        if discard:
+            self._discard(c, *discard, now=now)
+            return
+        retire = self._check_returned(c)
+        if retire:
+            self._discard(c, *retire)
+            return
+        self._give_back(c)
+
+    @contextmanager
+    def connection(self, timeout: Optional[float] = None) -> Iterator[Any]:
+        """``with pool.connection() as conn:`` commits on success, rolls back on
+        error, and gives the connection back to the pool either way."""
+        conn = self.getconn(timeout)
+        try:
+            with conn:
+                yield conn
+        finally:
+            self.putconn(conn)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool: waiting callers get :class:`PoolClosed`, idle connections
+        are closed and their leases given back; connections in use are closed when
+        they come back."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            track_pool(self, False)
+            idle = self._take_all_idle_out_locked()
+            waiters = list(self._waiting)
+            self._waiting.clear()
+            for w in waiters:
+                self._fail_locked(w, PoolClosed(f"the pool {self.name!r} is closed"))
+            janitor = self._janitor
+            self._cond.notify_all()
+        if idle:
+            self._close_and_release(idle)
+        if janitor is not None and janitor is not threading.current_thread():
+            janitor.join(timeout)
+        log.info("%s: closed", self.name)
+
+    def __enter__(self) -> "PoolCore":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name!r} broker={self.broker!r} "
+                f"pool={self._broker_pool!r} size={len(self._all)} idle={len(self._idle)} "
+                f"waiting={len(self._waiting)} {'closed' if self._closed else 'open'}>")
+
+    def get_stats(self) -> Dict[str, Any]:
+        """Figures like psycopg_pool's, plus the lease figures: ``leases_held``
+        (connections open, opening or closing), ``leases_requested`` (asks
+        outstanding at the broker), ``leases_recalled``, ``leases_lost``."""
+        with self._lock:
+            stats: Dict[str, Any] = {
+                "pool_min": self.min_size,
+                "pool_max": self.max_size or 0,
+                "pool_size": len(self._all) + self._opening,
+                "pool_available": len(self._idle),
+                "requests_waiting": len(self._waiting),
+                "leases_held": len(self._all) + self._opening + self._closing,
+                "leases_requested": self._pending,
+            }
+            for key, value in self._stats.items():
+                stats[key] = int(value)
+        return stats
+
+    def pop_stats(self) -> Dict[str, Any]:
+        """Like :meth:`get_stats`, and reset the counters."""
+        stats = self.get_stats()
+        with self._lock:
+            self._stats = dict.fromkeys(_STAT_COUNTERS, 0)
+        return stats
+
+    # ----------------------------------------------------------------- waiting
+
+    def _lease_client(self) -> LeaseClient:
+        client = self._client
+        if client is None:
+            client = self._client = LeaseClient.for_url(self.broker)
+            client.register(self)
+        return client
+
+    def _capacity_left(self) -> float:
+        if self.max_size is None:
+            return float("inf")
+        return self.max_size - (len(self._all) + self._opening + self._pending + self._closing)
+
+    def _needing(self) -> int:
+        """Callers waiting for a connection that have no lease yet."""
+        return sum(1 for w in self._waiting if not w.done)
+
+    def _grow_locked(self) -> None:
+        """Ask the broker for as many leases as callers wait for, as the local cap
+        allows."""
+        if self._closed:
+            return
+        needing = self._needing()
+        missing = needing - len(self._reqs)
+        if missing <= 0:
+            return
+        now = time.monotonic()
+        # long enough for the caller who will wait longest; those who give up
+        # earlier leave the request to the others (or it is cancelled)
+        left = max((w.deadline for w in self._waiting if not w.done), default=now) - now
+        if left <= 0:
+            return
+        client = self._lease_client()
+        for _ in range(missing):
+            if self._capacity_left() <= 0:
+                return
+            self._pending += 1
+            req = client.acquire(self._broker_pool, left, self._on_lease)
+            self._reqs[req.rid] = req
+
+    def _trim_locked(self) -> None:
+        """Cancel requests nobody could use: all of them once no caller waits;
+        while some wait, those beyond the waiters plus the connections in use
+        (a returning thread takes its connection back to a waiter and comes back
+        itself at once: a request cancelled then would be asked again)."""
+        needing = self._needing()
+        keep = needing + (len(self._all) - len(self._idle)) if needing else 0
+        excess = len(self._reqs) - keep
+        if excess <= 0:
+            return
+        client = self._lease_client()
+        for rid in sorted(self._reqs, reverse=True)[:excess]:  # the newest go
+            req = self._reqs.pop(rid)
+            if client.cancel(req):
+                self._pending -= 1
+
+    def _on_lease(self, req: LeaseRequest, lease: Optional[int],
+                  error: Optional[BaseException], w: Optional[Waiter] = None) -> None:
+        """A pool request (or ``w``'s own, for min_size) was answered. Runs on the
+        I/O thread: no blocking here."""
+        spare = None
+        with self._lock:
+            self._pending -= 1
+            self._reqs.pop(req.rid, None)
+            if w is not None and w.req is req:
+                w.req = None
+            if error is not None:
+                # the broker gave up on this request; a timeout is each caller's
+                # own to report, anything else (unknown pool, draining) goes to
+                # the longest waiting caller (or the warm-up waiter)
+                timed_out = isinstance(error, BrokerError) and error.code == "timeout"
+                target = w if w is not None and not w.done else None
+                if target is None and not timed_out:
+                    target = next((x for x in self._waiting if not x.done), None)
+                if target is not None:
+                    self._unqueue(target)
+                    self._fail_locked(target, error)
+                self._grow_locked()
+                return
+            target = None
+            if not self._closed:
+                # the longest waiting caller (or w, if still waiting)
+                target = w if w is not None and not w.done else \
+                    next((x for x in self._waiting if not x.done), None)
+            if target is None:
+                spare = lease
+            else:
+                self._unqueue(target)
+                target.lease = lease
+                target.granted_at = time.monotonic()
+                target.done = True
+                self._opening += 1
+                target.wake()
+                self._trim_locked()
+        if spare is not None:
+            self._lease_client().release(spare)
+
+    def _unqueue(self, w: Waiter) -> None:
+        if not w.warm:
+            self._waiting.remove(w)
+
+    # ----------------------------------------------------------------- hooks for drop-ins
+    # getconn() in three steps, so that an async pool can await the middle one:
+    # checkout (never blocks), wait for the waiter's wake, finish_wait; then, if
+    # a lease came rather than a connection, connect inside it (open_leased, or
+    # the async pool's own connect followed by adopt and add_opened).
+
+    def checkout(self, start: float, timeout: float,
+                 wake: Optional[Callable[[], None]] = None) -> Union[Any, Waiter]:
+        """An idle connection (marked in use), or a :class:`Waiter` queued for
+        one (``wake`` is called when it is served). Never blocks.
+        :class:`PoolClosed` if closed, :class:`TooManyRequests` if
+        ``max_waiting`` callers wait already."""
+        with self._lock:
+            self._check_open()
+            self._stats["requests_num"] += 1
+            if self._revive:
+                self._revive = False
+                self._start_janitor_locked()
+            if self._idle:
+                c = self._idle.pop()  # LIFO: the spare ones at the left age out
+                c.in_use = True
+                return c.conn
+            if self.max_waiting and len(self._waiting) >= self.max_waiting:
+                self._stats["requests_errors"] += 1
+                raise TooManyRequests(f"the pool {self.name!r} has already "
+                                      f"{len(self._waiting)} requests waiting")
+            waiter = Waiter(start + timeout, wake=wake)
+            self._waiting.append(waiter)
+            self._stats["requests_queued"] += 1
+            self._grow_locked()
+        return waiter
+
+    def finish_wait(self, w: Waiter, start: float,
+                    timeout: float) -> Tuple[Any, Optional[int]]:
+        """After ``w``'s wake, or its deadline: ``(conn, None)`` for a connection
+        handed over, ``(None, lease)`` for a lease to connect in (with
+        :meth:`open_leased`); raises the error it got, or :class:`PoolTimeout`."""
+        with self._lock:
+            if not w.done:
+                w.done = True
+                self._waiting.remove(w)
+                self._trim_locked()
+                self._stats["requests_errors"] += 1
+                self._stats["requests_wait_ms"] += (time.monotonic() - start) * 1000
+                message = self._timeout_message(timeout)
+                self._grow_locked()
+            else:
+                message = None
+                self._stats["requests_wait_ms"] += (time.monotonic() - start) * 1000
+        if message is not None:
+            raise PoolTimeout(message)
+        if w.conn is not None:
+            return w.conn.conn, None
+        if w.error is not None:
+            if isinstance(w.error, BrokerError) and w.error.code == "timeout":
+                raise PoolTimeout(f"couldn't get a connection after {timeout:g}s: "
+                                  f"{self._where()}: {w.error}")
+            raise w.error
+        assert w.lease is not None
+        return None, w.lease
+
+    def abandon(self, w: Waiter) -> None:
+        """The caller behind ``w`` gives up (cancelled): whatever served it goes
+        back (a connection to the pool, a lease to the broker)."""
+        with self._lock:
+            if not w.done:
+                w.done = True
+                self._waiting.remove(w)
+                self._trim_locked()
+                self._stats["requests_errors"] += 1
+                self._grow_locked()
+                return
+            conn, lease = w.conn, w.lease
+            w.conn = w.lease = None
+            if lease is not None:
+                self._opening -= 1
+                self._grow_locked()
+        if conn is not None:
+            self.putconn(conn.conn)
+        elif lease is not None:
+            self._lease_client().release(lease)
+
+    def note_acquired(self, start: float) -> None:
+        """A caller waited from ``start`` for a lease and connected: what getting
+        a slot here costs, a moving average (see :meth:`_hold_idle`)."""
+        self._acquire_s += (time.monotonic() - start - self._acquire_s) / 8
+
+    def _timeout_message(self, timeout: float) -> str:
+        client = self._lease_client()
+        silent = client.last_reply is None or time.monotonic() - client.last_reply > 3.0
+        if silent:
+            why = f"the broker does not answer: {client.describe_broker()}"
+        else:
+            local = "" if self.max_size is None else f", local max_size {self.max_size}"
+            why = (f"the budget is full ({len(self._waiting)} other request(s) waiting here, "
+                   f"{len(self._all)} connection(s) held here{local})")
+        return f"couldn't get a connection after {timeout:g}s: {self._where()}: {why}"
+
+    def _where(self) -> str:
+        return f"pool {self.name!r} (broker {self.broker}, pool {self._broker_pool!r})"
+
+    def _cancel_req_locked(self, w: Waiter) -> None:
+        if w.req is not None:
+            if self._lease_client().cancel(w.req):
+                self._pending -= 1
+            w.req = None
+
+    def _fail_locked(self, w: Waiter, error: BaseException) -> None:
+        w.error = error
+        w.done = True
+        self._cancel_req_locked(w)
+        self._trim_locked()
+        w.wake()
+
+    # ----------------------------------------------------------------- connecting
+
+    def open_leased(self, lease: int, deadline: float, for_caller: bool,
+                    granted_at: float) -> Any:
+        """Connect inside ``lease`` (granted at ``granted_at``): the connection, in
+        use if ``for_caller``, else idle in the pool. On failure the lease goes back
+        at once, after the server has seen any half-open connection close."""
+        t0 = time.monotonic()
+        conn = fd = None
+        try:
+            conninfo, kwargs = self.connect_args(deadline, lease)
+            conn = self.connector.connect(conninfo, kwargs)
+            fd = self.adopt(conn, lease, granted_at, deadline)
+            if self._configure is not None:
+                self._configure(conn)
+                self.check_configured(conn)
+        except BaseException:
+            self.open_failed(lease, conn, fd)
+            raise
+        return self.add_opened(conn, lease, fd, t0, for_caller)
+
+    def connect_args(self, deadline: float, lease: int) -> Tuple[str, Dict[str, Any]]:
+        """The conninfo and keyword arguments for connecting inside ``lease``: the
+        pool's, with the fence tag in ``application_name`` when the broker fences,
+        and a ``connect_timeout`` within ``deadline`` unless one is set."""
+        conninfo = self.conninfo() if callable(self.conninfo) else (self.conninfo or "")
+        kwargs = dict(self.kwargs() if callable(self.kwargs) else self.kwargs)
+        if self._lease_client().fence:
+            kwargs["application_name"] = self._tagged_application_name(conninfo, kwargs,
+                                                                       lease)
+        if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo:
+            # libpq counts whole seconds and treats 1 as 2.
+            kwargs["connect_timeout"] = max(2, int(deadline - time.monotonic() + 0.999))
+        return conninfo, kwargs
+
+    def adopt(self, conn: Any, lease: int, granted_at: float, deadline: float) -> Optional[int]:
+        """A connection just opened inside ``lease``: make sure the lease is still
+        ours, watch its socket, tell the broker its backend. Returns the watched
+        descriptor. May block (only after a stall, up to ``deadline``)."""
+        client = self._lease_client()
+        # Frozen anywhere between the grant and now? The lease may have expired
+        # and gone to someone else: confirm it before anyone uses this connection.
+        stalled = time.monotonic() - granted_at
+        if stalled > client.heartbeat or not client.confirmed.is_set():
+            client.suspect(stalled)
+            client.confirmed.wait(max(0.0, deadline - time.monotonic()))
+        if client.is_lost(lease) or not client.confirmed.is_set():
+            raise PoolError(f"{self.name}: the lease expired while connecting (the "
+                            f"process stalled for {stalled:.1f}s); try again")
+        fd = closing.watch(conn)
+        pid, user, db = self.connector.backend(conn)
+        client.connected(lease, pid, user, db)
+        return fd
+
+    def check_configured(self, conn: Any) -> None:
+        """After ``configure``: :class:`PoolError` unless the connection is idle."""
+        status = self.connector.status(conn)
+        if status is not Status.IDLE:
+            raise PoolError(f"{self.name}: configure() left the connection in status "
+                            f"{status.value}; discarded")
+
+    def open_failed(self, lease: int, conn: Any, fd: Optional[int]) -> None:
+        """Connecting inside ``lease`` failed (``conn`` may be half-open): close
+        it, wait for the server to see that, give the lease back. Blocks."""
+        with self._lock:
+            self._opening -= 1
+            self._stats["connections_errors"] += 1
+            self._grow_locked()
+        late = self._close_and_wait([(conn, fd)]) if conn is not None else []
+        self._lease_client().give_back(lease, fd if late else None)
+
+    def add_opened(self, conn: Any, lease: int, fd: Optional[int], t0: float,
+                   for_caller: bool) -> Any:
+        """A connection opened (since ``t0``) and configured inside ``lease`` joins
+        the pool: in use if ``for_caller``, else idle (or handed to a waiter).
+        :class:`PoolClosed` if the pool closed meanwhile (it is discarded)."""
+        lifetime = self.max_lifetime * random.uniform(0.95, 1.0)  # spread the replacements
+        c = _Conn(conn, lease, fd, t0 + lifetime)
+        with self._lock:
+            self._opening -= 1
+            self._all[id(conn)] = c
+            self._stats["connections_num"] += 1
+            self._stats["connections_ms"] += (time.monotonic() - t0) * 1000
+            closed = self._closed
+            self._cond.notify_all()
+        if closed:
+            self._discard(c, "pool closed while connecting", Retire.ROUTINE)
+            raise PoolClosed(f"the pool {self.name!r} is closed")
+        if not for_caller:
+            c.in_use = False
+            self._give_back(c)
+        return conn
+
+    def _tagged_application_name(self, conninfo: str, kwargs: Dict[str, Any],
+                                 lease: int) -> str:
+        """The application name with this lease's tag at the end, which the
+        broker's fencer looks for (PostgreSQL keeps the first 63 bytes)."""
+        name = kwargs.get("application_name")
+        if name is None:
+            name = self.connector.application_name(conninfo)
+        if name is None:
+            name = os.environ.get("PGAPPNAME", "")
+        tag = f"{self._lease_client().fence}{lease}"
+        return name.encode()[:63 - len(tag)].decode(errors="ignore") + tag
+
+    # ----------------------------------------------------------------- returning
+
+    def _check_returned(self, c: _Conn) -> Optional[Tuple[str, "Retire"]]:
+        """Make a returned connection ready for the next user; the reason to
+        discard it instead, if any."""
+        conn = c.conn
+        status = self.connector.status(conn)
+        if status is Status.INTRANS:
+            log.warning("%s: connection returned in a transaction; rolling back", self.name)
+            try:
+                self.connector.rollback(conn)
+            except Exception as exc:
+                return f"rollback failed: {exc}", Retire.BAD
+        elif status is Status.ACTIVE:
+            return "query in progress", Retire.BAD
+        elif status is Status.BROKEN:
+            return "closed or broken", Retire.BAD
+        if self._reset is not None:
+            try:
+                self._reset(conn)
+            except Exception as exc:
+                return f"reset() failed: {exc}", Retire.BAD
+            if self.connector.status(conn) is not Status.IDLE:
+                return "reset() left it unusable", Retire.BAD
+        client = self._lease_client()
+        if client.is_lost(c.lease):
+            return "its lease expired at the broker", Retire.LOST
+        if time.monotonic() >= c.expires:
+            return "max_lifetime reached", Retire.ROUTINE
+        if c.created <= self._drained_at:
+            return "drained", Retire.ROUTINE
+        if client.take_recall(self._broker_pool):
+            return _RECALLED, Retire.RECALLED
+        return None
+
+    def _give_back(self, c: _Conn) -> None:
+        with self._lock:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                c.returned = time.monotonic()
+                while self._waiting:
+                    w = self._waiting.popleft()
+                    if w.done:
+                        continue
+                    c.in_use = True
+                    w.conn = c
+                    w.done = True
+                    w.wake()
+                    self._trim_locked()
+                    return
+                self._idle.append(c)
+                self._watch_idle_locked()
+        if closed:
+            self._discard(c, "pool closed", Retire.ROUTINE)
+
+    def _discard(self, c: _Conn, reason: str, kind: "Retire", now: bool = False) -> None:
+        """Take ``c`` out of the pool (counted as ``kind``); the janitor closes it
+        and releases the lease (or this thread, ``now``)."""
+        log.log(logging.INFO if kind in (Retire.BAD, Retire.BROKEN) else logging.DEBUG,
+                "%s: discarding connection (lease %d): %s", self.name, c.lease, reason)
+        with self._lock:
+            if self._all.pop(id(c.conn), None) is None:
+                return
+            self._closing += 1
+            self._stats[kind.value] += 1
+            if not now:
+                self._jobs.append(c)
+                self._start_janitor_locked()
+                self._cond.notify_all()
+        if now:
+            self._close_and_release([c])
+
+    def _close_and_wait(self, items: List[Tuple[Any, Optional[int]]]) -> List[int]:
+        return closing.close_and_wait(items, self.close_timeout, close=self.connector.close)
+
+    def _close_and_release(self, conns: List[_Conn]) -> None:
+        """Close ``conns`` (already out of ``_all`` and counted in ``_closing``), wait
+        until the server has seen them go, then give their leases back."""
+        client = self._lease_client()
+        t0 = time.monotonic()
+        late = self._close_and_wait([(c.conn, c.fd) for c in conns])
+        if not late:  # what a move costs here, for _hold_idle (a moving average)
+            self._close_s += ((time.monotonic() - t0) / len(conns) - self._close_s) / 8
+        for i, c in enumerate(conns):
+            client.give_back(c.lease, c.fd if i in late else None)
+        with self._lock:
+            self._closing -= len(conns)
+            self._grow_locked()
+            self._cond.notify_all()
+
+    # ----------------------------------------------------------------- broker events
+    # What the lease client calls (poolbroker_client.leases.LeaseOwner): pool,
+    # idle_leases(), on_recall(), on_lost(); and the process lifecycle
+    # (poolbroker_client.lifecycle): close_at_exit(), after_fork_in_child().
+
+    def idle_leases(self) -> int:
+        """Leases held by idle connections (a hint the heartbeat carries: the
+        broker recalls idle ones first)."""
+        return len(self._idle)
+
+    def _contended(self) -> bool:
+        client = self._client
+        return client is not None and client.contended(self._broker_pool)
+
+    def _watch_idle_locked(self) -> None:
+        """While others wait for a slot, wake the janitor: it gives back an idle
+        connection nobody here takes within what a move costs."""
+        if self._idle and self._contended():
+            self._start_janitor_locked()
+            self._cond.notify_all()
+
+    def _hold_idle(self) -> float:
+        """How long an idle connection is kept while others wait for a slot.
+
+        Rent or buy: keeping it costs its slot for as long as it sits idle;
+        giving it back costs a move away (a close the server sees) and, if it is
+        wanted here again, a move back (waiting for a lease, then a connect).
+        Keeping it for as long as that round trip costs, then giving it back,
+        never costs more than twice the best choice made knowing the future (the
+        ski-rental bound), and needs no tuning: both costs are measured here, as
+        this pool's own closes and cold getconns take. The floor, HOLD_IDLE_FLOOR,
+        covers what this side cannot see: the taker's connect, and the CPU every
+        connect costs a small machine (see docs/lease-policy.md)."""
+        return min(1.0, max(HOLD_IDLE_FLOOR, 2 * (self._acquire_s + self._close_s)))
+
+    def _yield_due_locked(self, now: float) -> Tuple[List[_Conn], float]:
+        """Idle connections above min_size that sat longer than :meth:`_hold_idle`
+        while others wait (taken out of the pool), and when the next falls due."""
+        if not self._idle or not self._contended():
+            return [], math.inf
+        hold = self._hold_idle()
+        spare = len(self._all) - self.min_size
+        out: List[_Conn] = []
+        while self._idle and spare > 0 and now - self._idle[0].returned >= hold:
+            out.append(self._take_idle_out_locked("leases_yielded"))
+            spare -= 1
+        due = self._idle[0].returned + hold if self._idle and spare > 0 else math.inf
+        return out, due
+
+    def _take_idle_out_locked(self, stat: Optional[str], c: Optional[_Conn] = None) -> _Conn:
+        """Take ``c`` (default: the connection idle longest) out of the pool, to be
+        closed and its lease given back (counted in ``stat``)."""
+        if c is None:
+            c = self._idle.popleft()
+        else:
+            self._idle.remove(c)
+        del self._all[id(c.conn)]
+        self._closing += 1
+        if stat is not None:
+            self._stats[stat] += 1
+        return c
+
+    def _take_all_idle_out_locked(self) -> List[_Conn]:
+        return [self._take_idle_out_locked(None) for _ in range(len(self._idle))]
+
+    def on_recall(self) -> None:
+        """The broker wants leases back (give idle connections first), or says
+        others wait (the janitor gives back what stays idle). I/O thread."""
+        client = self._lease_client()
+        with self._lock:
+            self._watch_idle_locked()
+            while self._idle and client.recall_owed(self._broker_pool) > 0:
+                if not client.take_recall(self._broker_pool):
+                    break
+                self._jobs.append(self._take_idle_out_locked(Retire.RECALLED.value))
+            if self._jobs:
+                self._start_janitor_locked()
+                self._cond.notify_all()
+
+    def on_lost(self, leases: Set[int]) -> None:
+        """Leases the broker no longer knows (I/O thread): their slots may have gone
+        to someone else, so their connections must not go on silently. Idle ones
+        are closed now; those in use are cut (their socket shut down: the next
+        use fails, and the server ends the session at once), then discarded when
+        they come back."""
+        with self._lock:
+            for c in self._all.values():
+                if c.in_use and c.lease in leases and c.fd is not None:
+                    closing.cut(c.fd)
+                    log.warning("%s: lease %d expired at the broker; its connection in use "
+                                "was cut, the next use fails", self.name, c.lease)
+            for c in [c for c in self._idle if c.lease in leases]:
+                self._jobs.append(self._take_idle_out_locked(Retire.LOST.value, c))
+            if self._jobs:
+                self._start_janitor_locked()
+                self._cond.notify_all()
+
+    # ----------------------------------------------------------------- janitor
+
+    def _start_janitor_locked(self) -> None:
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = threading.Thread(target=self._janitor_loop,
+                                             name=f"poolbroker-{self.name}", daemon=True)
+            self._janitor.start()
+
+    def _janitor_loop(self) -> None:
+        """Close discarded connections, give back those idle while others wait,
+        expire idle and old ones, keep min_size."""
+        next_check = 0.0
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    yielded, due = self._yield_due_locked(now)
+                    self._jobs.extend(yielded)
+                    if self._jobs or (self._closed and not self._warming):
+                        break
+                    left = min(next_check, due) - now
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                jobs = list(self._jobs)
+                self._jobs.clear()
+                stop = self._closed and not self._jobs and not self._warming
+            if jobs:
+                self._close_and_release(jobs)
+                continue
+            if stop:
+                return
+            if time.monotonic() >= next_check:
+                self._maintain()
+                # a quarter of the shortest timer, within [50 ms, 1 s]: never a busy loop
+                interval = min(1.0, self.max_idle / 4, self.max_lifetime / 4)
+                next_check = time.monotonic() + max(0.05, interval)
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return
+            expired: List[Tuple[_Conn, str]] = []
+            keep = len(self._all) - self.min_size
+            for c in list(self._idle):  # oldest returned first
+                if now >= c.expires:
+                    expired.append((c, "max_lifetime reached"))
+                elif keep > 0 and now - c.returned >= self.max_idle:
+                    expired.append((c, "idle for max_idle"))
+                    keep -= 1
+            for c, reason in expired:
+                log.debug("%s: discarding connection (lease %d): %s", self.name, c.lease,
+                          reason)
+                self._jobs.append(self._take_idle_out_locked(Retire.ROUTINE.value, c))
+            if expired:
+                self._cond.notify_all()  # the janitor (this thread) closes them next
+            # outstanding lease requests become connections too: count them
+            need = self.min_size - (len(self._all) + self._opening + self._pending)
+            warm = need > 0 and not self._warming and now >= self._warm_backoff
+            if warm:
+                self._warming = True
+        if warm:
+            self._warm_one()
+
+    def _warm_one(self) -> None:
+        """Open one connection towards min_size (janitor thread)."""
+        w = Waiter(time.monotonic() + self.timeout, warm=True)
+        with self._lock:
+            self._pending += 1
+            w.req = self._lease_client().acquire(
+                self._broker_pool, self.timeout,
+                lambda req, lease, err: self._on_lease(req, lease, err, w))
+        w.event.wait(self.timeout)
+        with self._lock:
+            if not w.done:  # a grant arriving later goes to a caller or back
+                w.done = True
+                self._cancel_req_locked(w)
+        try:
+            if w.lease is None:
+                raise w.error or PoolTimeout(f"no lease within {self.timeout:g}s "
+                                             f"({self._lease_client().describe_broker()})")
+            self.open_leased(w.lease, w.deadline, for_caller=False, granted_at=w.granted_at)
+            self._warm_backoff = 0.0
+            self._failing_since = None
+        except Exception as exc:
+            log.warning("%s: could not open a connection to keep min_size %d: %s",
+                        self.name, self.min_size, exc)
+            now = time.monotonic()
+            self._warm_backoff = now + 2.0
+            if self._failing_since is None:
+                self._failing_since = now
+            elif (now - self._failing_since >= self.reconnect_timeout
+                    and self._reconnect_failed is not None):
+                self._failing_since = math.inf  # once per outage
+                log.error("%s: no connection could be opened for %.0fs", self.name,
+                          self.reconnect_timeout)
+                try:
+                    self._reconnect_failed(self)
+                except Exception:
+                    log.exception("%s: reconnect_failed callback failed", self.name)
+        finally:
+            with self._lock:
+                self._warming = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed(f"the pool {self.name!r} is closed")
+
+    def clear_idle(self) -> int:
+        """Close every idle connection now and give its lease back (the
+        connections are gone when this returns). Returns how many."""
+        with self._lock:
+            idle = self._take_all_idle_out_locked()
+        if idle:
+            self._close_and_release(idle)
+        return len(idle)
+
+    def prefill(self, count: int) -> int:
+        """Open up to ``count`` connections now and keep them idle, waiting at most
+        a second for each lease: what the drop-ins do at construction, so that a bad
+        DSN fails the constructor while a momentarily full budget does not. A
+        database error closes the pool and propagates. Returns how many opened."""
+        conns: List[Any] = []
+        try:
+            for _ in range(count):
+                conns.append(self.getconn(timeout=min(1.0, self.timeout)))
+        except PoolTimeout:
+            log.info("%s: budget full at start: %d of %d connections opened now, the rest "
+                     "later", self.name, len(conns), count)
+        except BaseException:
+            for conn in conns:
+                self.putconn(conn)
+            self.close()
+            raise
+        for conn in conns:
+            self.putconn(conn)
+        return len(conns)
+
+    def keep_min_size(self, count: int) -> None:
+        """From now on keep ``count`` connections open in the background."""
+        with self._lock:
+            self.min_size = count
+            if count and not self._closed:
+                self._start_janitor_locked()
+
+    def take_idle(self) -> Any:
+        """An idle connection (the last returned), marked in use, or None: never
+        waits, never asks the broker."""
+        with self._lock:
+            if self._idle and not self._closed:
+                c = self._idle.pop()
+                c.in_use = True
+                self._stats["requests_num"] += 1
+                return c.conn
+        return None
+
+    def idle_connections(self) -> List[Any]:
+        """The idle connections, the one idle longest first (a snapshot)."""
+        with self._lock:
+            return [c.conn for c in self._idle]
+
+    def idle_since(self) -> List[float]:
+        """When each idle connection came back (``time.monotonic()``), in the
+        order of :meth:`idle_connections`."""
+        with self._lock:
+            return [c.returned for c in self._idle]
+
+    def discard(self, conn: Any, reason: str, kind: Optional["Retire"] = None,
+                now: bool = False) -> None:
+        """Take back ``conn`` (from :meth:`getconn`) and retire it instead of keeping
+        it: closed, and its lease given back once the server has seen the close;
+        in this thread if ``now``, else by the janitor. ``reason`` is logged,
+        ``kind`` (default :attr:`Retire.ROUTINE`) says how it is counted."""
+        self._return(conn, (reason, kind or Retire.ROUTINE), now=now)
+
+    def expire_idle(self, max_idle: float, keep: Optional[int] = None) -> None:
+        """Retire now the idle connections that have been idle for ``max_idle``
+        seconds or more, keeping ``keep`` connections (default ``min_size``) open
+        (the janitor does it too, but only every so often)."""
+        now = time.monotonic()
+        with self._lock:
+            expired: List[_Conn] = []
+            keep = len(self._all) - (self.min_size if keep is None else keep)
+            while self._idle and keep > 0 and now - self._idle[0].returned >= max_idle:
+                expired.append(self._take_idle_out_locked(Retire.ROUTINE.value))
+                keep -= 1
+        if expired:
+            self._close_and_release(expired)
+
+    def has_waiters(self) -> bool:
+        """True while callers wait for a connection here."""
+        return bool(self._waiting)
+
+    def resize(self, min_size: int, max_size: Optional[int]) -> None:
+        """Change ``min_size`` and ``max_size``; the janitor opens (or, as they go
+        idle, retires) connections to match."""
+        if min_size < 0 or (max_size is not None and max_size < max(1, min_size)):
+            raise ValueError("max_size must be >= min_size and >= 1")
+        with self._lock:
+            self.min_size, self.max_size = min_size, max_size
+            if not self._closed:
+                self._start_janitor_locked()
+                self._cond.notify_all()
+            self._grow_locked()
+
+    def drain(self) -> None:
+        """Replace every connection: the idle ones are closed now, those in use
+        when they come back; the janitor opens new ones for ``min_size``."""
+        with self._lock:
+            self._drained_at = time.monotonic()
+        self.clear_idle()
+
+    def close_everything(self) -> None:
+        """Close the pool and every connection, including those in use (for
+        psycopg2.pool's closeall(), and at interpreter exit, when only daemon
+        threads can still hold one), so every lease goes back."""
+        self.close(timeout=1.0)
+        with self._lock:
+            left = list(self._all.values())
+            self._all.clear()
+            self._closing += len(left)
+        if left:
+            self._close_and_release(left)
+
+    close_at_exit = close_everything
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: forget every inherited connection without closing it
+        (that would end the parent's sessions) and start afresh."""
+        inherited = list(self._all.values())
+        closed = self._closed
+        for c in inherited:
+            closing.forget_in_child(c.conn, c.fd)
+        _inherited_graveyard.extend(c.conn for c in inherited)
+        self._init_state()
+        self._closed = closed
+        track_pool(self, not closed)
+        # No thread here: this hook also runs in the child of subprocess's
+        # preexec_fn, just before exec. The janitor restarts on first use.
+        self._revive = not closed and self.min_size > 0
+
+
+# Connections inherited by a forked child: kept referenced so that nothing
+# finalizes them (their descriptors already point at a dead socket).
+_inherited_graveyard: List[Any] = []
+
+# The least time an idle connection is kept while others wait for a slot. On the
+# 2-core development machine a move cost 15-30 ms of slot time under load, and
+# processes that gave idle connections back after 5 ms lost throughput to the
+# moves (bench/fleet.py, skewed load: 1,971 tx/s yielding vs 2,219 keeping).
+HOLD_IDLE_FLOOR = 0.1
+_RECALLED = "recalled by the broker"
+
+
+class Retire(enum.Enum):
+    """Why a connection leaves the pool, as counted in :meth:`PoolCore.get_stats`
+    (the value is the counter): ROUTINE (lifetime, idle, closing, drain: logged at
+    DEBUG), BAD (handed back unusable: INFO), BROKEN (found broken in the pool,
+    e.g. by a ``check``: INFO), RECALLED (the broker wanted the slot), LOST (its
+    lease expired at the broker; the client already warned)."""
+
+    ROUTINE = "connections_closed"
+    BAD = "returns_bad"
+    BROKEN = "connections_lost"
+    RECALLED = "leases_recalled"
+    LOST = "leases_lost"
+
+
+_STAT_COUNTERS = (
+    "requests_num", "requests_queued", "requests_wait_ms", "requests_errors",
+    "usage_ms", "returns_bad", "connections_num", "connections_ms", "connections_errors",
+    "connections_lost", "connections_closed", "leases_recalled", "leases_yielded",
+    "leases_lost",
+)

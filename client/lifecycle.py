@@ -1,0 +1,103 @@
+"""The process's life: leases go back at exit, and a forked child starts afresh.
+
+* at exit (``atexit``; in a multiprocessing child, whose ``os._exit`` skips atexit,
+  a multiprocessing finalizer instead) every pool closes and every lease client
+  says bye, so the broker frees this process's slots at once rather than after
+  its TTL;
+* after ``fork()`` the child drops the parent's lease clients (their socket and
+  thread are the parent's) and every pool forgets the connections it inherited
+  without closing them (that would end the parent's sessions).
+
+Pools take part through :func:`track_pool` and two methods:
+``close_at_exit()`` and ``after_fork_in_child()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from typing import Any, List, Protocol
+
+from . import leases
+
+log = logging.getLogger("poolbroker_client")
+
+
+class Tracked(Protocol):
+    """What a pool offers this module (:class:`poolbroker_client.core.PoolCore`)."""
+
+    def close_at_exit(self) -> None:
+        """Close every connection, in use or not, and give the leases back."""
+        ...
+
+    def after_fork_in_child(self) -> None:
+        """Forget inherited connections without closing them; start afresh."""
+        ...
+
+
+# Every pool, for fork handling; open pools are also held strongly, so that a pool
+# dropped without close() is not collected with leases still counted for it.
+_live_pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_open_pools: set = set()
+_exit_hooked_pid = 0
+_graveyard: List[Any] = []  # the parent's clients, kept alive so nothing is finalized
+
+
+def track_pool(pool: Tracked, is_open: bool) -> None:
+    """Register ``pool`` (at creation, and whenever it opens or closes)."""
+    _live_pools.add(pool)
+    if is_open:
+        _open_pools.add(pool)
+    else:
+        _open_pools.discard(pool)
+
+
+def on_first_start() -> None:
+    """Once per process (a lease client's first start): make sure leases go back
+    when the process exits.
+
+    atexit covers ordinary exits. multiprocessing children end with ``os._exit``,
+    which skips atexit, but they run multiprocessing's finalizers first."""
+    global _exit_hooked_pid
+    if _exit_hooked_pid == os.getpid():
+        return
+    _exit_hooked_pid = os.getpid()
+    try:
+        import multiprocessing
+        import multiprocessing.util
+
+        if multiprocessing.parent_process() is not None:
+            multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
+    except Exception:
+        pass
+
+
+def shutdown() -> None:
+    """Close every pool of this process and say bye to every broker. Runs at exit;
+    idempotent."""
+    for pool in list(_live_pools):
+        try:
+            pool.close_at_exit()
+        except Exception:
+            log.exception("closing pool at exit")
+    for client in leases.LeaseClient.in_process():
+        client.close()
+
+
+def _after_fork_in_child() -> None:
+    # The child must not touch the parent's socket, thread or connections.
+    # (pyzmq skips closing inherited sockets in a child.)
+    _graveyard.extend(leases.LeaseClient.forget_all())
+    _open_pools.clear()
+    for pool in list(_live_pools):
+        try:
+            pool.after_fork_in_child()
+        except Exception:
+            log.exception("resetting a pool after fork")
+
+
+atexit.register(shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -932,17 +932,25 @@ class PoolCore:
             warm = need > 0 and not self._warming and now >= self._warm_backoff
             if warm:
                 self._warming = True
+                # counted now, under the same lock as the need: a caller's request
+                # made before _warm_one asks would otherwise go over max_size
+                self._pending += 1
         if warm:
             self._warm_one()
 
     def _warm_one(self) -> None:
         """Open one connection towards min_size (janitor thread)."""
         w = Waiter(time.monotonic() + self.timeout, warm=True)
-        with self._lock:
-            self._pending += 1
-            w.req = self._lease_client().acquire(
-                self._broker_pool, self.timeout,
-                lambda req, lease, err: self._on_lease(req, lease, err, w))
+        with self._lock:  # _pending was counted by _maintain
+            try:
+                w.req = self._lease_client().acquire(
+                    self._broker_pool, self.timeout,
+                    lambda req, lease, err: self._on_lease(req, lease, err, w))
+            except BaseException:
+                self._pending -= 1
+                self._warming = False
+                self._warm_backoff = time.monotonic() + 2.0
+                raise
         w.event.wait(self.timeout)
         with self._lock:
             if not w.done:  # a grant arriving later goes to a caller or back
@@ -1018,16 +1026,24 @@ class PoolCore:
             if count and not self._closed:
                 self._start_janitor_locked()
 
-    def take_idle(self) -> Any:
+    def take_idle(self, count_request: bool = True) -> Any:
         """An idle connection (the last returned), marked in use, or None: never
-        waits, never asks the broker."""
+        waits, never asks the broker. Counted as a request unless told not to
+        (a drop-in checking its idle connections)."""
         with self._lock:
             if self._idle and not self._closed:
                 c = self._idle.pop()
                 c.in_use = True
-                self._stats["requests_num"] += 1
+                if count_request:
+                    self._stats["requests_num"] += 1
                 return c.conn
         return None
+
+    def count(self, stat: str, value: float = 1) -> None:
+        """Add ``value`` to the counter ``stat`` of :meth:`get_stats` (e.g. a drop-in's
+        ``usage_ms``)."""
+        with self._lock:
+            self._stats[stat] = self._stats.get(stat, 0) + value
 
     def idle_connections(self) -> List[Any]:
         """The idle connections, the one idle longest first (a snapshot)."""

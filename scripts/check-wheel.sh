@@ -16,16 +16,24 @@ fi
 tmp=$(mktemp -d /tmp/pb-wheel-XXXX)
 trap 'kill "${broker:-0}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
-"$tmp/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel"
+# with the psycopg extra (psycopg 3, for the psycopg_pool drop-in)
+"$tmp/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel[psycopg]"
 cd "$tmp"  # nothing from the source tree on sys.path
 "$tmp/venv/bin/python" - <<'PY'
+import sys
 import poolbroker, poolbroker_client, poolbroker_client.compat
 from poolbroker_client import ConnectionPool, PoolError, PoolTimeout, PoolClosed
 import psycopg2.pool
-for mod in (poolbroker, poolbroker_client):
+assert "psycopg" not in sys.modules, "importing poolbroker_client must not need psycopg 3"
+import poolbroker_client.compat.psycopg2, poolbroker_client.compat.psycopg2_pool
+from poolbroker_client.compat import psycopg_pool
+import psycopg
+for mod in (poolbroker, poolbroker_client, psycopg_pool):
     assert "site-packages" in mod.__file__, mod.__file__
 assert issubclass(PoolTimeout, psycopg2.pool.PoolError)
-print("imports from the wheel:", poolbroker.__file__, poolbroker_client.__file__)
+assert issubclass(psycopg_pool.PoolTimeout, psycopg.OperationalError)
+print("imports from the wheel:", poolbroker.__file__, poolbroker_client.__file__,
+      psycopg_pool.__file__)
 PY
 url="ipc://$tmp/b.sock"
 "$tmp/venv/bin/poolbroker" serve --bind "$url" --pool default=2 2>"$tmp/broker.log" &

@@ -32,6 +32,25 @@ def test_fleet_of_processes_and_threads_never_exceeds_budget(pg, broker_factory)
     assert status["clients"] == []
 
 
+def test_asyncio_fleet_never_exceeds_budget(pg, broker_factory):
+    """4 processes x 12 asyncio tasks on the psycopg_pool drop-in's
+    AsyncConnectionPool (each process allowed 10 connections) under a budget of 5."""
+    broker = broker_factory({"default": 5})
+    tag = new_tag()
+    cfg = dict(mode="aload", dsn=tagged(pg.dsn, tag), broker=broker.url, tasks=12,
+               iterations=10, sleep=0.01, timeout=30, max_size=10)
+    with Sampler(pg.dsn, [tag], interval=0.01) as sampler:
+        workers = [Worker(cfg) for _ in range(4)]
+        results = [w.result() for w in workers]
+    assert sampler.samples > 20, "the sampler must have actually watched the run"
+    assert sampler.max[tag] <= 5, f"server saw {sampler.max[tag]} connections, budget 5"
+    assert sampler.max[tag] >= 3, "the fleet should have used most of the budget"
+    assert sum(r["ok"] for r in results) == 4 * 12 * 10, results
+    assert all(r["timeouts"] == 0 and r["errors"] == 0 for r in results), results
+    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 0.5)
+    assert status["pools"]["default"]["leased"] == 0
+
+
 def test_two_pools_have_separate_budgets(pg, broker_factory):
     broker = broker_factory({"reports": 2, "web": 3})
     tag_r, tag_w = new_tag(), new_tag()

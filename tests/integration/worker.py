@@ -9,6 +9,7 @@ Modes:
   fork   os.fork() with idle and in-use connections (see fork())
   preexec  subprocesses with preexec_fn while a min_size pool is open
   chaos  transactions until a deadline, outcomes recorded line by line
+  aload  like load, with asyncio tasks on the psycopg_pool drop-in's AsyncConnectionPool
 Prints ``RESULT <json>`` at the end.
 """
 
@@ -49,6 +50,39 @@ def load(cfg, pool):
         t.join()
     counts["error_samples"] = errors[:5]
     counts["stats"] = pool.get_stats()
+    return counts
+
+
+def aload(cfg, _pool):
+    import asyncio
+
+    from poolbroker_client.compat.psycopg_pool import AsyncConnectionPool
+    from poolbroker_client.compat.psycopg_pool import PoolTimeout as AsyncPoolTimeout
+
+    counts = {"ok": 0, "timeouts": 0, "errors": 0}
+    errors = []
+
+    async def run(pool):
+        for _ in range(cfg.get("iterations", 10)):
+            try:
+                async with pool.connection(timeout=cfg.get("timeout", 30)) as conn:
+                    await conn.execute("SELECT pg_sleep(%s)", (cfg.get("sleep", 0.01),))
+                counts["ok"] += 1
+            except AsyncPoolTimeout:
+                counts["timeouts"] += 1
+            except Exception as exc:  # reported, never swallowed
+                counts["errors"] += 1
+                errors.append(repr(exc))
+
+    async def main():
+        async with AsyncConnectionPool(cfg["dsn"], broker=cfg["broker"], min_size=0,
+                                       max_size=cfg.get("max_size", 10),
+                                       timeout=cfg.get("timeout", 30)) as pool:
+            await asyncio.gather(*(run(pool) for _ in range(cfg.get("tasks", 10))))
+            counts["stats"] = pool.get_stats()
+
+    asyncio.run(main())
+    counts["error_samples"] = errors[:5]
     return counts
 
 
@@ -219,7 +253,7 @@ def main():
                           min_size=cfg.get("min_size", 0), max_size=cfg.get("max_size"),
                           timeout=cfg.get("timeout", 30), name=cfg.get("name"))
     mode = {"load": load, "hold": hold, "mp": mp, "fork": fork, "idle": idle,
-            "preexec": preexec, "chaos": chaos}[cfg["mode"]]
+            "preexec": preexec, "chaos": chaos, "aload": aload}[cfg["mode"]]
     t0 = time.monotonic()
     result = mode(cfg, pool)
     result["elapsed"] = time.monotonic() - t0

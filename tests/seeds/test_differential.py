@@ -2,6 +2,8 @@
 drop-in, compared observation by observation. The drop-in runs against a real
 broker (its budget only has to be large enough for the scenario)."""
 
+import time
+
 import psycopg2
 import psycopg2.pool
 import psycopg2_pool
@@ -189,6 +191,25 @@ def idle_timeout_zero_scenario(mod, dsn, **extra):
 def test_psycopg2_pool_package_idle_timeout_zero(pg, broker):
     assert idle_timeout_zero_scenario(compat_p2pool, pg.dsn, broker=broker.url) == \
         idle_timeout_zero_scenario(psycopg2_pool, pg.dsn)
+
+
+def stale_idle_scenario(mod, dsn, **extra):
+    """A connection idle for longer than idle_timeout is never handed out: the
+    original checks at getconn; a background pass alone could miss it."""
+    pool = mod.ConnectionPool(minconn=0, idle_timeout=2, dsn=dsn, **extra)
+    stale = pool.getconn()
+    pool.putconn(stale)
+    returned = time.monotonic()
+    time.sleep(max(0.0, returned + 2.02 - time.monotonic()))  # the subject: time passing
+    fresh = pool.getconn()
+    obs = [fresh is not stale, bool(fresh.closed)]
+    pool.putconn(fresh)
+    return obs
+
+
+def test_psycopg2_pool_package_never_hands_out_a_stale_connection(pg, broker):
+    assert stale_idle_scenario(compat_p2pool, pg.dsn, broker=broker.url) == \
+        stale_idle_scenario(psycopg2_pool, pg.dsn) == [True, False]
 
 
 def test_psycopg2_pool_package_maxconn_is_enforced_after_reuse(pg, broker):

@@ -25,7 +25,7 @@ EXAMPLES = os.path.join(HERE, "examples")
 
 P2 = ("from psycopg2.pool import", "from poolbroker_client.compat.psycopg2 import")
 P2POOL = ("from psycopg2_pool import", "from poolbroker_client.compat.psycopg2_pool import")
-PSYCOPG_POOL = ("from psycopg_pool import", "from poolbroker_client import")
+PSYCOPG_POOL = ("from psycopg_pool import", "from poolbroker_client.compat.psycopg_pool import")
 
 # example -> (import swap, budget, what the example asks for at most, how to compare)
 CASES = {
@@ -44,6 +44,32 @@ CREATE TABLE logs (id serial PRIMARY KEY, message text, level text);
 CREATE TABLE profiles (user_id int, bio text);
 INSERT INTO users (name) VALUES ('Ada'), ('Grace'), ('Linus');
 """
+
+
+# Runs an example and reports on stderr which drivers opened its connections.
+DRIVER_PROBE = """
+import runpy, sys, psycopg, psycopg2
+opened = set()
+connect3, connect2 = psycopg.Connection.connect, psycopg2.connect
+def probe3(cls, *args, **kwargs):
+    opened.add("psycopg")
+    return connect3.__func__(cls, *args, **kwargs)
+def probe2(*args, **kwargs):
+    opened.add("psycopg2")
+    return connect2(*args, **kwargs)
+psycopg.Connection.connect = classmethod(probe3)
+psycopg2.connect = probe2
+try:
+    runpy.run_path(sys.argv[1], run_name="__main__")
+finally:
+    print("DRIVERS", ",".join(sorted(opened)), file=sys.stderr)
+"""
+
+
+def _drivers(stderr):
+    lines = [line for line in stderr.splitlines() if line.startswith("DRIVERS ")]
+    assert lines, stderr[-3000:]
+    return lines[-1][len("DRIVERS "):]
 
 
 _MESSAGE = re.compile(r"Worker \d+ (?:got connection|completed: \d+|returned connection)"
@@ -82,7 +108,7 @@ def _fresh_db(pg):
     _admin(pg.dsn, "CREATE DATABASE mydb TEMPLATE mydb_template OWNER myuser")
 
 
-def _run(pg, source, tag, extra_env, tmp_path, name):
+def _run(pg, source, tag, extra_env, tmp_path, name, probe=False):
     path = tmp_path / f"{name}.py"
     path.write_text(source)
     env = {**os.environ, "PGPORT": str(pg.port), "PGAPPNAME": tag,
@@ -92,8 +118,8 @@ def _run(pg, source, tag, extra_env, tmp_path, name):
            **extra_env}
     _fresh_db(pg)
     with Sampler(pg.dsn, [tag]) as sampler:
-        proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True,
-                              text=True, timeout=120)
+        argv = [sys.executable] + (["-c", DRIVER_PROBE] if probe else []) + [str(path)]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     return proc, sampler.max[tag]
 
 
@@ -112,9 +138,11 @@ def test_seed_example_runs_unchanged_but_for_the_import(seed_db, broker_factory,
     orig, orig_max = _run(seed_db, original, new_tag(), {}, tmp_path, "original")
     broker = broker_factory({"default": budget})
     ours, our_max = _run(seed_db, dropin, new_tag(), {"POOLBROKER_URL": broker.url},
-                         tmp_path, "dropin")
+                         tmp_path, "dropin", probe=True)
 
     assert ours.returncode == 0, ours.stderr[-3000:]
+    # the drop-in hands out the original's driver's connections
+    assert _drivers(ours.stderr) == ("psycopg" if old == PSYCOPG_POOL[0] else "psycopg2")
     assert ours.stdout.strip(), "the example must print something"
     assert our_max <= budget, f"server saw {our_max} connections, budget {budget}"
     if compare == "same":

@@ -1,31 +1,22 @@
 """Fixtures with real parts: a throwaway PostgreSQL cluster (one per session), real
-broker processes started with pytest-xprocess, and a sampler that counts server
-connections in pg_stat_activity. The budget is proven by what the server sees,
-never by our own counters."""
+broker processes started with pytest-xprocess. The budget is proven by what the
+server sees (helpers.Sampler), never by our own counters. Shared helpers live in
+helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
-import time
 import uuid
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
-import psycopg2
 import pytest
 from xprocess import ProcessStarter
 
 from devtools.pgcluster import PgCluster
-from devtools.sampler import Sampler  # noqa: F401  (tests import it from here)
-from poolbroker.cli import query_status
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "integration", "worker.py")
+from helpers import BrokerHandle, short_ipc
 
 
 @pytest.fixture(scope="session")
@@ -33,58 +24,6 @@ def pg():
     cluster = PgCluster(max_connections=300).start()
     yield cluster
     cluster.stop()
-
-
-def short_ipc(prefix: str = "pbt") -> str:
-    # ipc paths are limited to 107 bytes: keep them in /tmp with a short name.
-    return f"ipc:///tmp/{prefix}-{uuid.uuid4().hex[:10]}.sock"
-
-
-class BrokerHandle:
-    def __init__(self, url: str, name: str, pid: int, log: str, xprocess) -> None:
-        self.url, self.name, self.pid, self.log, self._xprocess = url, name, pid, log, xprocess
-
-    def status(self, timeout: float = 3.0) -> dict:
-        return query_status(self.url, timeout)
-
-    def leased(self, pool: str = "default") -> int:
-        return self.status()["pools"][pool]["leased"]
-
-    def wait_for(self, predicate: Callable[[dict], bool], timeout: float) -> dict:
-        """Poll status until ``predicate(status)`` holds; the last status otherwise."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if predicate(status) or time.monotonic() > deadline:
-                return status
-            time.sleep(0.02)
-
-    def wait_leased(self, count: int, timeout: float, pool: str = "default") -> int:
-        """Poll until ``pool`` has ``count`` leases; the last count seen otherwise."""
-        return self.wait_for(lambda s: s["pools"][pool]["leased"] == count,
-                             timeout)["pools"][pool]["leased"]
-
-    def log_text(self) -> str:
-        with open(self.log, errors="replace") as fh:
-            return fh.read()
-
-    def stop(self) -> None:
-        self._xprocess.getinfo(self.name).terminate()
-
-    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
-        """Signal the broker and wait until it is gone (a crash, with SIGKILL)."""
-        import psutil
-
-        os.kill(self.pid, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE:
-                    return
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"broker {self.pid} did not die")
 
 
 TCP_STATE_DIR = "/tmp/pbt-state"
@@ -142,66 +81,3 @@ def broker_factory(xprocess):
 @pytest.fixture
 def broker(broker_factory):
     return broker_factory({"default": 6})
-
-
-def count_backends(dsn: str, tag: str) -> int:
-    with psycopg2.connect(dsn, application_name="pbt-counter") as conn:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity "
-                        "WHERE split_part(application_name, '/pb', 1) = %s", (tag,))
-            n = cur.fetchone()[0]
-    conn.close()
-    return n
-
-
-def tagged(dsn: str, tag: str) -> str:
-    return f"{dsn} application_name={tag}"
-
-
-def new_tag() -> str:
-    return f"pbt-{uuid.uuid4().hex[:8]}"
-
-
-class Worker:
-    """A real worker process running tests/integration/worker.py with a JSON config."""
-
-    def __init__(self, config: dict) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, WORKER, json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_line(self, prefix: str, timeout: float = 20.0) -> str:
-        """Read stdout until a line starting with ``prefix`` (with a deadline)."""
-        result: List[str] = []
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                if line.startswith(prefix):
-                    result.append(line.strip())
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not result:
-            self.proc.kill()
-            raise AssertionError(f"worker never printed {prefix!r}; stderr: "
-                                 f"{self.proc.stderr.read()[-3000:]}")
-        return result[0]
-
-    def result(self, timeout: float = 120.0) -> dict:
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, f"worker failed ({self.proc.returncode}): {err[-3000:]}"
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        assert lines, f"worker printed no result; stderr: {err[-3000:]}"
-        return json.loads(lines[-1][len("RESULT "):])
-
-    def finish(self) -> None:
-        """Let a holding worker go (it exits cleanly when stdin closes)."""
-        self.proc.stdin.close()
-        self.proc.stdin = None  # so that communicate() does not flush it
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        self.proc.send_signal(sig)
-        self.proc.wait(10)

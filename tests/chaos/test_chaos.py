@@ -23,7 +23,7 @@ import time
 import psycopg2
 import pytest
 
-from conftest import Sampler, Worker, new_tag, short_ipc, tagged
+from helpers import Sampler, Worker, new_tag, short_ipc, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -128,9 +128,10 @@ def test_chaos(pg, broker_factory, tmp_path):
               "broker_errors": {k: status.get(k) for k in ("frame_errors", "loop_errors",
                                                            "fence_errors", "fence_stuck")}}
     print("CHAOS " + json.dumps(report, sort_keys=True))
-    with open(os.path.join(os.path.dirname(__file__), "..", "..", ".chaos-report.json"),
-              "w") as fh:
+    # next to the test's other files, never in the repository
+    with open(tmp_path / "chaos-report.json", "w") as fh:
         json.dump(report, fh, sort_keys=True)
+    print("chaos report:", tmp_path / "chaos-report.json")
     assert sampler.samples > SECONDS * 20, "the sampler must have watched the run"
     assert sum(faults.values()) - faults["none"] >= 3, "the run must have injected faults"
     assert len(committed) > 50, "the fleet must have done work"

@@ -11,7 +11,7 @@ import pytest
 
 from poolbroker_client import BrokerError, ConnectionPool
 
-from conftest import Sampler, Worker, count_backends, new_tag, tagged
+from helpers import Sampler, Worker, count_backends, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import pytest
 
 from poolbroker_client import ConnectionPool, PoolTimeout
 
-from conftest import Sampler, Worker, new_tag, tagged
+from helpers import Sampler, Worker, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +27,8 @@ def test_fleet_of_processes_and_threads_never_exceeds_budget(pg, broker_factory)
     assert total == 6 * 4 * 15, results
     assert all(r["timeouts"] == 0 and r["errors"] == 0 for r in results), results
     # a clean exit gives every lease back at once, not after the TTL
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 0.5)
-    assert status["pools"]["default"]["leased"] == 0
-    assert status["clients"] == []
+    assert broker.wait_leased(0, 0.5) == 0
+    assert broker.status()["clients"] == []
 
 
 def test_asyncio_fleet_never_exceeds_budget(pg, broker_factory):
@@ -47,8 +46,7 @@ def test_asyncio_fleet_never_exceeds_budget(pg, broker_factory):
     assert sampler.max[tag] >= 3, "the fleet should have used most of the budget"
     assert sum(r["ok"] for r in results) == 4 * 12 * 10, results
     assert all(r["timeouts"] == 0 and r["errors"] == 0 for r in results), results
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 0.5)
-    assert status["pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 0.5) == 0
 
 
 def test_two_pools_have_separate_budgets(pg, broker_factory):

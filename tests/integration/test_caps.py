@@ -7,7 +7,7 @@ import pytest
 import poolbroker_client
 from poolbroker_client import BrokerError
 
-from conftest import Worker, count_backends, new_tag, tagged
+from helpers import Worker, count_backends, new_tag, tagged
 
 
 def test_a_client_beyond_max_clients_is_refused_at_once_and_the_others_keep_theirs(

@@ -16,7 +16,7 @@ from devtools.pgcluster import free_port
 from poolbroker import protocol as p
 from poolbroker_client import BrokerError, ConnectionPool, PoolError, PoolTimeout
 
-from conftest import Worker, count_backends, new_tag, short_ipc, tagged
+from helpers import Worker, count_backends, new_tag, short_ipc, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +33,7 @@ def test_failed_connects_leak_no_lease(pg, broker_factory):
                 pool.getconn()
         assert pool.get_stats()["connections_errors"] == 25
     # releases travel asynchronously; a leaked lease would stay counted
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
-    assert status["pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
     # and the budget of 1 is still whole: a good connection gets it at once
     with ConnectionPool(pg.dsn, broker=broker.url, timeout=2) as pool:
         with pool.connection() as conn:
@@ -168,8 +167,8 @@ def test_junk_on_the_broker_socket(pg, broker):
     with ConnectionPool(pg.dsn, broker=broker.url, timeout=5) as pool:
         with pool.connection() as conn:
             conn.cursor().execute("SELECT 1")
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
-    assert status["pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
+    status = broker.status()
     assert status["bad_frames"] >= 6
     # junk never became a client: only this process's lease client is known
     assert [c["pid"] for c in status["clients"]] == [os.getpid()], status["clients"]

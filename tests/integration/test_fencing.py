@@ -9,7 +9,7 @@ import pytest
 
 from poolbroker_client import ConnectionPool
 
-from conftest import Sampler, Worker, count_backends, new_tag, tagged
+from helpers import Sampler, Worker, count_backends, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +55,7 @@ def test_with_fencing_a_frozen_holder_is_fenced_before_its_slots_are_regranted(
     # the woken holder's next use fails with a clear error, and it exits cleanly
     assert all("terminat" in r or "closed" in r for r in result["use_after"]), result
     assert "fenced 2 expired lease(s)" in broker.log_text()
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 5)
-    assert status["pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 5) == 0
 
 
 def test_without_fencing_a_woken_holder_cuts_its_expired_connections(pg, broker_factory):
@@ -75,7 +74,7 @@ def test_without_fencing_a_woken_holder_cuts_its_expired_connections(pg, broker_
 
 def test_with_fencing_a_holder_frozen_across_a_restart_beyond_the_grace_is_swept(
         pg, broker_factory):
-    from conftest import short_ipc
+    from helpers import short_ipc
 
     url = short_ipc()
     extra = ("--fence-dsn", pg.dsn)

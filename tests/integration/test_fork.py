@@ -3,7 +3,7 @@ fresh socket and no inherited connections; the parent's sessions survive."""
 
 import pytest
 
-from conftest import Sampler, Worker, new_tag, tagged
+from helpers import Sampler, Worker, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -15,8 +15,7 @@ def test_os_fork_child_gets_fresh_pool_and_parent_sessions_survive(pg, broker_fa
     assert result["child_exit"] == 0, result
     assert result["busy_after"] == result["busy_pid"], result
     assert result["pids_after"] == sorted([result["busy_pid"], result["idle_pid"]]), result
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
-    assert status["pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, 2) == 0
 
 
 @pytest.mark.parametrize("ending", ["close", "terminate"])
@@ -33,8 +32,7 @@ def test_multiprocessing_fork_children_share_the_budget(pg, broker_factory, endi
     # multiprocessing finalizer gives their leases back at once. Children killed
     # by Pool.terminate() (SIGTERM) lose theirs when the TTL runs out.
     within = 1.0 if ending == "close" else 5.0
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, within)
-    assert status["pools"]["default"]["leased"] == 0
+    assert broker.wait_leased(0, within) == 0
 
 
 def test_subprocess_with_preexec_fn_while_a_pool_keeps_min_size(pg, broker_factory):

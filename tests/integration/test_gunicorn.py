@@ -14,7 +14,7 @@ import pytest
 
 from devtools.pgcluster import free_port
 
-from conftest import HERE, Sampler, new_tag, tagged
+from helpers import HERE, Sampler, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -58,5 +58,4 @@ def test_preloaded_gunicorn_fleet_under_budget(pg, broker_factory):
         out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out, out[-3000:]
     # workers and master exit cleanly: their leases go back at once, not after the TTL
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 1.0)
-    assert status["pools"]["default"]["leased"] == 0, status
+    assert broker.wait_leased(0, 1.0) == 0, broker.status()

@@ -18,7 +18,7 @@ from poolbroker import protocol as p
 from poolbroker_client import ConnectionPool, PoolError, PoolTimeout
 from poolbroker_client.leases import LeaseClient
 
-from conftest import Sampler, Worker, count_backends, new_tag, short_ipc, tagged
+from helpers import Sampler, Worker, count_backends, new_tag, short_ipc, tagged
 
 pytestmark = pytest.mark.integration
 

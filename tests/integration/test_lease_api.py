@@ -10,7 +10,7 @@ import pytest
 import poolbroker_client
 from poolbroker_client import BrokerError, PoolError, PoolTimeout
 
-from conftest import Sampler, Worker, count_backends, new_tag, tagged
+from helpers import Sampler, Worker, count_backends, new_tag, tagged
 
 
 def test_a_lease_holds_a_slot_and_an_attached_connection_goes_before_the_next(pg,

@@ -8,7 +8,7 @@ import pytest
 
 from poolbroker_client import ConnectionPool, PoolClosed, PoolError, PoolTimeout
 
-from conftest import Sampler, Worker, count_backends, new_tag, tagged
+from helpers import Sampler, Worker, count_backends, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -152,8 +152,7 @@ def test_min_size_kept_warm_and_max_idle_gives_leases_back(pg, broker_factory):
             pool.putconn(conn)
         assert broker.leased() == 5
         # idle above min_size closes after max_idle; the leases go back
-        status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 2, 10)
-        assert status["pools"]["default"]["leased"] == 2
+        assert broker.wait_leased(2, 10) == 2
         assert count_backends(pg.dsn, tag) == 2
     assert broker.wait_leased(0, 2) == 0
 
@@ -194,7 +193,8 @@ def test_fair_share_a_busy_process_does_not_starve_a_light_one(pg, broker_factor
     with Sampler(pg.dsn, [tag]) as sampler:
         hog = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
                           threads=8, iterations=60, sleep=0.02, timeout=60))
-        time.sleep(0.5)  # let the hog fill the budget first (not synchronisation)
+        # the light process arrives once the hog has filled the budget
+        assert broker.wait_leased(3, 10) == 3
         light = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
                             threads=1, iterations=15, sleep=0.005, timeout=2)).result()
         hog_result = hog.result()

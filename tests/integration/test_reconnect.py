@@ -8,7 +8,7 @@ import pytest
 
 from poolbroker_client import ConnectionPool
 
-from conftest import Sampler, Worker, count_backends, new_tag, short_ipc, tagged
+from helpers import Sampler, Worker, count_backends, new_tag, short_ipc, tagged
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +43,11 @@ def test_broker_restart_held_connections_keep_working_and_are_reannounced(pg, br
         waiter.join(15)
         assert got, "the waiting request was not served after the broker came back"
         # the client re-announced the two leases it held, plus the new one
-        status = second.wait_for(lambda s: s["pools"]["default"]["leased"] == 3, 10)
-        assert status["pools"]["default"]["leased"] == 3
+        assert second.wait_leased(3, 10) == 3
         assert count_backends(pg.dsn, tag) == 3
         for conn in (busy, again, got[0]):
             pool.putconn(conn)
-    status = second.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
-    assert status["pools"]["default"]["leased"] == 0
+    assert second.wait_leased(0, 2) == 0
 
 
 def test_crash_restart_with_a_frozen_holder_never_over_grants(pg, broker_factory):
@@ -73,8 +71,7 @@ def test_crash_restart_with_a_frozen_holder_never_over_grants(pg, broker_factory
             waiter.start()
             time.sleep(1.5)  # the holder stays frozen for part of the grace period
             holder.proc.send_signal(signal.SIGCONT)
-            status = second.wait_for(lambda s: s["pools"]["default"]["leased"] == 2, 10)
-            assert status["pools"]["default"]["leased"] == 2, "the holder did not re-announce"
+            assert second.wait_leased(2, 10) == 2, "the holder did not re-announce"
             # the grace period ends; the budget is still the holder's
             second.wait_for(lambda s: s["grace_s"] == 0, 10)
             waiter.join(1.0)

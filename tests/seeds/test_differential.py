@@ -14,7 +14,7 @@ import poolbroker_client
 from poolbroker_client.compat import psycopg2 as compat_p2
 from poolbroker_client.compat import psycopg2_pool as compat_p2pool
 
-from conftest import new_tag
+from helpers import new_tag
 
 pytestmark = pytest.mark.integration
 

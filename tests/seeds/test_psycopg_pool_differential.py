@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 
 from poolbroker_client.compat import psycopg_pool as compat
 
-from conftest import count_backends, new_tag
+from helpers import count_backends, new_tag
 
 pytestmark = pytest.mark.integration
 

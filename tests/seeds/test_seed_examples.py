@@ -16,7 +16,7 @@ import sys
 import psycopg2
 import pytest
 
-from conftest import Sampler, new_tag
+from helpers import Sampler, new_tag
 
 pytestmark = pytest.mark.integration
 
@@ -155,5 +155,4 @@ def test_seed_example_runs_unchanged_but_for_the_import(seed_db, broker_factory,
     else:  # psycopg2-pool lacks the close() its documentation calls: it crashes there
         assert orig.returncode != 0 and "has no attribute 'close'" in orig.stderr
         assert ours.stdout == orig.stdout + "Connection pool closed.\n"
-    status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0, 2)
-    assert status["pools"]["default"]["leased"] == 0, "the example left leases behind"
+    assert broker.wait_leased(0, 2) == 0, "the example left leases behind"

@@ -19,7 +19,6 @@ broker no longer knows us, the held grants are dropped (it rejects their leases)
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
@@ -27,7 +26,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Protocol, Set
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import zmq
 
@@ -35,7 +34,8 @@ from poolbroker import protocol as p
 from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
 
 from . import closing, lifecycle
-from .errors import BrokerError, PoolError
+from .errors import PoolError
+from .session import Actions, LeaseSession
 
 log = logging.getLogger("poolbroker_client")
 
@@ -75,20 +75,22 @@ class LeaseRequest:
     """One outstanding ``acquire``. Exactly one of these happens: the callback runs
     (grant or error, from the I/O thread), or :meth:`LeaseClient.cancel` returns True."""
 
-    __slots__ = ("rid", "pool", "deadline", "callback", "done", "hello_gen", "created")
+    __slots__ = ("rid", "pool", "deadline", "callback", "created")
 
-    def __init__(self, rid: int, pool: str, deadline: float, callback: Callback, gen: int) -> None:
+    def __init__(self, rid: int, pool: str, deadline: float, callback: Callback) -> None:
         self.rid = rid
         self.pool = pool
         self.deadline = deadline
         self.callback = callback
-        self.done = False
-        self.hello_gen = gen
         self.created = time.monotonic()
 
 
 class LeaseClient:
-    """The process-wide link to one broker. Get it with :meth:`for_url`."""
+    """The process-wide link to one broker. Get it with :meth:`for_url`.
+
+    A thin shell: what to send and whom to tell is decided by its
+    :class:`~poolbroker_client.session.LeaseSession` (under this client's lock);
+    the shell owns the socket, the I/O thread, the callbacks and the pools."""
 
     _registry: Dict[str, "LeaseClient"] = {}
     _registry_lock = threading.Lock()
@@ -121,34 +123,17 @@ class LeaseClient:
         self.url = url
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._rids = itertools.count(1)
+        self._session = LeaseSession(os.getpid(), socket.gethostname(), _process_name())
         self._outbox: List[bytes] = []
-        self._requests: Dict[int, LeaseRequest] = {}
-        self._leases: Dict[int, str] = {}  # lease id -> pool name
-        self._connected: set = set()  # leases whose connection exists (reported)
-        self._lost: set = set()
-        self._debt: Dict[str, int] = {}  # pool -> leases the broker wants back
-        self._contended: Dict[str, bool] = {}  # pool -> others wait for leases there
+        self._callbacks: Dict[int, LeaseRequest] = {}  # rid -> its request
         self._pools: "weakref.WeakSet[LeaseOwner]" = weakref.WeakSet()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._hello_gen = 0
-        self._welcomed_gen = 0
-        self._heartbeat = 1.0
-        self.epoch: Optional[str] = None
-        self.fence = ""  # the broker fences: tag connections with this + their lease id
-        self._suspect = False
         self.confirmed = threading.Event()  # set while not suspect
         self.confirmed.set()
-        self._held: List[tuple] = []  # grants held back while suspect
-        self._check_rid = 0  # the heartbeat whose answer confirms us
-        self._check_at = 0.0  # when it was sent (it is sent again if no answer comes)
-        self._hello_at = 0.0  # when the last hello was sent (the same)
-        self._seen = 0  # the highest grant seq received from this broker run
-        self.last_reply: Optional[float] = None  # monotonic time of the last broker message
         self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
         self._curve: Optional[tuple] = None  # CURVE keys (tcp brokers), see poolbroker.security
@@ -168,7 +153,22 @@ class LeaseClient:
     def heartbeat(self) -> float:
         """Seconds between heartbeats (the broker's setting): a thread that was
         frozen for longer may hold leases the broker expired."""
-        return self._heartbeat
+        return self._session.heartbeat
+
+    @property
+    def epoch(self) -> Optional[str]:
+        """The broker run we talk to (None before the first welcome)."""
+        return self._session.epoch
+
+    @property
+    def fence(self) -> str:
+        """When the broker fences: the tag connections carry before their lease id."""
+        return self._session.fence
+
+    @property
+    def last_reply(self) -> Optional[float]:
+        """``time.monotonic()`` of the broker's last message (None: never)."""
+        return self._session.last_reply
 
     def in_this_process(self) -> bool:
         """False in a forked child: the client belongs to the parent."""
@@ -177,13 +177,13 @@ class LeaseClient:
     def acquire(self, pool: str, timeout: float, callback: Callback) -> LeaseRequest:
         """Ask for a lease in ``pool``; ``callback(req, lease, error)`` runs on the
         I/O thread when the broker answers, unless :meth:`cancel` wins first."""
-        timeout = min(timeout, p.MAX_TIMEOUT)  # the protocol's cap (a day)
         with self._lock:
             self._ensure_started()
-            req = LeaseRequest(next(self._rids), pool, time.monotonic() + timeout, callback,
-                               self._hello_gen)
-            self._requests[req.rid] = req
-            self._outbox.append(p.encode("acquire", rid=req.rid, pool=pool, timeout=timeout))
+            now = time.monotonic()
+            rid, frame = self._session.acquire(pool, timeout, now)
+            req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
+            self._callbacks[rid] = req
+            self._outbox.append(frame)
         self._wake()
         return req
 
@@ -191,11 +191,11 @@ class LeaseClient:
         """Withdraw ``req``. True if it took effect (the callback will not run); a
         grant that is already on its way will be released on arrival."""
         with self._lock:
-            if req.done:
+            frame = self._session.cancel(req.rid)
+            if frame is None:
                 return False
-            req.done = True
-            self._requests.pop(req.rid, None)
-            self._outbox.append(p.encode("cancel", rid=req.rid))
+            self._callbacks.pop(req.rid, None)
+            self._outbox.append(frame)
         self._wake()
         return True
 
@@ -208,14 +208,9 @@ class LeaseClient:
         the answer to the broker telling us the pool became contended). Until
         then the broker counts the slot: late, never over the budget."""
         with self._lock:
-            pool = self._leases.pop(lease, None)
-            self._lost.discard(lease)
-            self._connected.discard(lease)
-            if pool is None:
-                return  # lost or already released: the broker does not count it
-            self._outbox.append(p.encode("release", lease=lease))
-            urgent = self._contended.get(pool, False) or self._debt.get(pool, 0) > 0
-        if urgent:
+            actions = self._session.release(lease)
+            self._outbox += actions.send
+        if actions.urgent:
             self._wake()
 
     def release_unconfirmed(self, lease: int, fd: int) -> None:
@@ -224,12 +219,10 @@ class LeaseClient:
         broker keeps counting the slot (or fences it) until we confirm, which
         happens when the server is seen to close the socket, in the background."""
         with self._lock:
-            pool = self._leases.pop(lease, None)
-            self._lost.discard(lease)
-            self._connected.discard(lease)
-            if pool is not None:
-                self._outbox.append(p.encode("release", lease=lease, unconfirmed=True))
-        if pool is None:  # lost meanwhile: the broker does not count it
+            frame = self._session.release_unconfirmed(lease)
+            if frame is not None:
+                self._outbox.append(frame)
+        if frame is None:  # lost meanwhile: the broker does not count it
             os.close(fd)
             return
         self._wake()
@@ -256,51 +249,58 @@ class LeaseClient:
     def forget(self, lease: int) -> None:
         """Drop a lease the broker no longer knows (no release is sent)."""
         with self._lock:
-            self._leases.pop(lease, None)
-            self._lost.discard(lease)
-            self._connected.discard(lease)
+            self._session.forget(lease)
 
     def connected(self, lease: int, backend_pid: int, user: Optional[str] = None,
                   db: Optional[str] = None) -> None:
         """Tell the broker which backend serves ``lease``, as which role in which
         database (what fencing matches; sent with the next batch, nobody waits)."""
-        fields: Dict[str, Any] = {"lease": lease, "backend_pid": backend_pid}
-        if user and db and len(user) <= p.MAX_NAME_CHARS and len(db) <= p.MAX_NAME_CHARS:
-            fields.update(user=user, db=db)
         with self._lock:
-            self._connected.add(lease)
-            self._outbox.append(p.encode("connected", **fields))
-        if self.fence:  # the fencer matches on it: tell the broker now
+            actions = self._session.connected_frame(lease, backend_pid, user, db)
+            self._outbox += actions.send
+        if actions.urgent:
             self._wake()
 
     def take_recall(self, pool: str) -> bool:
         """True (and one less owed) if the broker wants a lease of ``pool`` back."""
-        if not self._debt.get(pool):  # the hot path: a dict read, no lock
+        if not self._session.debt.get(pool):  # the hot path: a dict read, no lock
             return False
         with self._lock:
-            if self._debt.get(pool, 0) > 0:
-                self._debt[pool] -= 1
-                return True
-            return False
+            return self._session.take_recall(pool)
 
     def contended(self, pool: str) -> bool:
         """True while the broker says requests wait in ``pool``: connections idle
         longer than a move costs should go back."""
-        return self._contended.get(pool, False)
+        return self._session.contended.get(pool, False)
 
     def recall_owed(self, pool: str) -> int:
-        return self._debt.get(pool, 0)
+        """How many leases of ``pool`` the broker wants back."""
+        return self._session.debt.get(pool, 0)
 
     def is_lost(self, lease: int) -> bool:
-        return lease in self._lost
+        """True if the broker no longer counts ``lease`` (its connection must go)."""
+        return lease in self._session.lost
 
     def describe_broker(self) -> str:
         """A phrase for error messages: is the broker answering?"""
         now = time.monotonic()
-        if self.last_reply is None:
+        last = self._session.last_reply
+        if last is None:
             waited = now - self.started if self.started else 0.0
             return f"broker {self.url} has not answered at all ({waited:.1f}s since first contact)"
-        return f"broker {self.url} last answered {now - self.last_reply:.1f}s ago"
+        return f"broker {self.url} last answered {now - last:.1f}s ago"
+
+    def suspect(self, stalled: float) -> None:
+        """This process stalled (any thread may say so): confirm our leases with
+        the broker before new ones are used."""
+        with self._lock:
+            rid = self._session.stalled(time.monotonic())
+            if rid is None:
+                return
+            self.confirmed.clear()
+        log.warning("process stalled for %.1fs: confirming leases with broker %s before "
+                    "using new ones", stalled, self.url)
+        self._send_soon(self._heartbeat_frame(rid))
 
     def close(self, timeout: float = 2.0) -> None:
         """Say bye (the broker drops whatever we still hold) and stop the thread."""
@@ -330,7 +330,7 @@ class LeaseClient:
         self.started = time.monotonic()
         # hello goes first, and requests made from now on belong to its generation
         # (so the welcome does not make us re-send them)
-        self._outbox.insert(0, self._hello())
+        self._outbox.insert(0, self._session.hello(time.monotonic()))
         self._thread = threading.Thread(target=self._run, name=f"poolbroker-io-{self.url}",
                                         daemon=True)
         self._thread.start()
@@ -342,21 +342,10 @@ class LeaseClient:
         except (BlockingIOError, OSError):
             pass  # the pipe is full: the I/O thread is awake anyway
 
-    def _hello(self) -> bytes:
-        """Called with the lock held. Re-announces only leases with a live
-        connection: that is what a restarted broker must count. A lease granted
-        but not connected yet is forfeited (the broker may have expired it before
-        a restart that made it forget), and so are grants held across a stall:
-        their connects fail and their requests are asked again."""
-        self._hello_gen += 1
-        self._hello_at = time.monotonic()
-        leases = [[lease, pool] for lease, pool in self._leases.items()
-                  if lease in self._connected]
-        for lease in [lz for lz in self._leases if lz not in self._connected]:
-            del self._leases[lease]
-            self._lost.add(lease)
-        return p.encode("hello", pid=os.getpid(), host=socket.gethostname(),
-                        name=_process_name(), leases=leases)
+    def _send_soon(self, frame: bytes) -> None:
+        with self._lock:
+            self._outbox.append(frame)
+        self._wake()
 
     def _run(self) -> None:
         ctx = zmq.Context()
@@ -373,7 +362,7 @@ class LeaseClient:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        next_beat = time.monotonic() + self._heartbeat
+        next_beat = time.monotonic() + self.heartbeat
         backlog = False
         last = time.monotonic()
         try:
@@ -387,7 +376,7 @@ class LeaseClient:
                 # frozen in poll, or between two polls: leases may have expired
                 stalled = max(after - before - wait, before - last)
                 last = after
-                if stalled > self._heartbeat and self._welcomed_gen:
+                if stalled > self.heartbeat and self._session.welcomed_gen:
                     self.suspect(stalled)
                 if self._wake_r.fileno() in events:
                     try:
@@ -416,7 +405,7 @@ class LeaseClient:
                         sock.send(self._heartbeat_frame(), zmq.NOBLOCK)
                     except zmq.Again:
                         pass  # the queue to the broker is full: the next beat will do
-                    next_beat = time.monotonic() + self._heartbeat
+                    next_beat = time.monotonic() + self.heartbeat
         except Exception as exc:
             log.exception("poolbroker client I/O thread for %s died; cutting this process's "
                           "connections and starting over under a new identity", self.url)
@@ -434,22 +423,11 @@ class LeaseClient:
                           f"{exc}); this process's connections were cut, and the next "
                           "request starts over")
         with self._lock:
-            requests = [req for req in self._requests.values() if not req.done]
-            for req in requests:
-                req.done = True
-            self._requests.clear()
-            lost = set(self._leases) | {lease for _, _, lease in self._held}
-            self._lost |= lost
-            self._leases.clear()
-            self._connected.clear()
-            self._held = []
-            self._debt.clear()
-            self._contended.clear()
+            failed, lost = self._session.died()
+            requests = [self._callbacks.pop(rid) for rid in failed if rid in self._callbacks]
+            self._callbacks.clear()
             self._outbox = []
-            self._suspect = False
             self.confirmed.set()
-            self._hello_gen = self._welcomed_gen = 0
-            self.epoch = None
             self.identity = _new_identity()
             self._thread = None
             self.deaths += 1
@@ -478,34 +456,20 @@ class LeaseClient:
                 log.exception("%s: counting idle connections failed", pool)
                 continue
             idle[name] = idle.get(name, 0) + n
-        fields: Dict[str, Any] = {"idle": idle}
         with self._lock:
-            # every lease we hold, grants held back across a stall included: the
-            # broker frees what a client that has seen its grant does not list
-            fields["leases"] = list(self._leases) + [lease for _, _, lease in self._held]
-            if self.epoch is not None:
-                fields.update(epoch=self.epoch, seen=self._seen)
-        if rid is not None:
-            fields["rid"] = rid
-        return p.encode("heartbeat", **fields)
+            return self._session.heartbeat_frame(idle, rid)
 
     def _retry_unanswered(self) -> None:
         """I/O thread: say hello again if no welcome came, and check again after a
         stall if no answer came (a lost message must not wedge us)."""
-        now = time.monotonic()
-        retry = max(0.5, 2 * self._heartbeat)
         with self._lock:
-            hello_again = self._hello_pending() and now - self._hello_at > retry
-            if hello_again:
-                self._outbox.append(self._hello())
-            check_again = self._suspect and now - self._check_at > retry
-            if check_again:
-                self._check_rid = next(self._rids)
-                self._check_at = now
-        if hello_again:
+            hello, check = self._session.retry(time.monotonic())
+            if hello is not None:
+                self._outbox.append(hello)
+        if hello is not None:
             log.info("broker %s has not answered our hello: saying it again", self.url)
-        if check_again:
-            self._send_soon(self._heartbeat_frame(self._check_rid))
+        if check is not None:
+            self._send_soon(self._heartbeat_frame(check))
 
     def _on_frame(self, frame: bytes) -> None:
         """Handle one message from the broker. Never raises: one bad frame must not
@@ -517,158 +481,39 @@ class LeaseClient:
             log.warning("unreadable message from broker %s: %s", self.url, exc.message)
             return
         try:
-            self._dispatch(msg)
+            with self._lock:
+                actions = self._session.on_message(msg, time.monotonic())
+                self._outbox += actions.send
+                answered: List[Tuple[Optional[LeaseRequest], Optional[int],
+                                     Optional[BaseException]]] = [
+                    (self._callbacks.pop(rid, None), lease, None)
+                    for rid, lease in actions.granted]
+                answered += [(self._callbacks.pop(rid, None), None, error)
+                             for rid, error in actions.failed]
+            self._perform(actions, answered)
         except Exception:
             self.bad_frames += 1
             log.exception("error handling %s from broker %s; continuing", msg.get("op"),
                           self.url)
 
-    def _dispatch(self, msg: Dict[str, Any]) -> None:
-        self.last_reply = time.monotonic()
-        op = msg["op"]
-        if op == "grant":
-            with self._lock:
-                self._seen = max(self._seen, msg.get("seq", 0))
-            self._on_grant(msg["rid"], msg["pool"], msg["lease"])
-        elif op == "error":
-            self._on_error(msg["rid"], msg["code"], msg["message"])
-        elif op == "recall":
-            self._on_recall(msg["pool"], msg["count"], msg.get("contended", False))
-        elif op == "welcome":
-            self._on_welcome(msg)
-        elif op == "hb":
-            self._on_lost(msg["unknown"])
-            if self._suspect and msg.get("rid") == self._check_rid:
-                # the answer to a beat sent after the stall: it still knows us, so
-                # the grants it sent are good (unless it says otherwise)
-                unknown = set(msg["unknown"])
-                self._confirm({lz for _, _, lz in self._held if lz not in unknown})
-
-    def suspect(self, stalled: float) -> None:
-        """This process stalled (any thread may say so): confirm our leases with
-        the broker before new ones are used."""
-        with self._lock:
-            if self._suspect:
-                return
-            self._suspect = True
-            self.confirmed.clear()
-        log.warning("process stalled for %.1fs: confirming leases with broker %s before "
-                    "using new ones", stalled, self.url)
-        with self._lock:
-            self._check_rid = next(self._rids)
-            self._check_at = time.monotonic()
-        self._send_soon(self._heartbeat_frame(self._check_rid))
-
-    def _send_soon(self, frame: bytes) -> None:
-        with self._lock:
-            self._outbox.append(frame)
-        self._wake()
-
-    def _confirm(self, trusted: set) -> None:
-        """The broker answered while we were suspect: deliver the held grants it
-        vouches for, drop (and give back) the others."""
-        with self._lock:
-            if not self._suspect:
-                return
-            held, self._held = self._held, []
-            self._suspect = False
-        for rid, pool, lease in held:
-            if lease in trusted:
-                self._deliver_grant(rid, pool, lease)
-            else:
-                # unconfirmed: give it back (a lease the broker expired is ignored there)
-                log.warning("dropping grant of lease %d received across a stall", lease)
-                self._send_soon(p.encode("release", lease=lease))
-        self.confirmed.set()
-
-    def _on_grant(self, rid: int, pool: str, lease: int) -> None:
-        with self._lock:
-            if self._suspect:
-                self._held.append((rid, pool, lease))
-                return
-        self._deliver_grant(rid, pool, lease)
-
-    def _deliver_grant(self, rid: int, pool: str, lease: int) -> None:
-        with self._lock:
-            req = self._requests.pop(rid, None)
-            if req is None or req.done:
-                # Nobody waits for it (timed out, cancelled) or a duplicate grant
-                # of a retried request: give it straight back unless we use it.
-                if lease not in self._leases:
-                    self._outbox.append(p.encode("release", lease=lease))
-                return
-            req.done = True
-            self._leases[lease] = pool
-        _run_callback(req, lease, None)
-
-    def _on_error(self, rid: Optional[int], code: str, message: str) -> None:
-        if code == p.E_UNKNOWN_CLIENT:
-            # The broker does not know us: it restarted, or it expired us. Say
-            # hello again with what we hold; outstanding requests are re-sent
-            # (same rid, so they stay idempotent) once it has welcomed us.
-            with self._lock:
-                if self._hello_pending():
-                    return
-                self._outbox.append(self._hello())
+    def _perform(self, actions: Actions,
+                 answered: List[Tuple[Optional[LeaseRequest], Optional[int],
+                                      Optional[BaseException]]]) -> None:
+        """Carry out what the session decided (outside the lock: callbacks and
+        pools take their own locks)."""
+        for level, message in actions.log:
+            log.log(logging.getLevelName(level), "broker %s: %s", self.url, message)
+        if actions.urgent:
             self._wake()
-            return
-        if code == p.E_TOO_MANY_CLIENTS:
-            # refused at hello: nothing we asked for can be granted. Callers hear
-            # why now rather than at their deadline; the hello is retried.
-            log.error("broker %s refused this process: %s", self.url, message)
-            with self._lock:
-                failed = [r for r in self._requests.values() if not r.done]
-                for r in failed:
-                    r.done = True
-                    del self._requests[r.rid]
-            for r in failed:
-                _run_callback(r, None, BrokerError(code, message))
-            return
-        if rid is None:
-            log.warning("broker %s: %s (%s)", self.url, message, code)
-            return
-        with self._lock:
-            req = self._requests.pop(rid, None)
-            if req is None or req.done:
-                return
-            req.done = True
-        _run_callback(req, None, BrokerError(code, message))
-
-    def _hello_pending(self) -> bool:
-        return self._hello_gen > self._welcomed_gen
-
-    def _on_welcome(self, msg: Dict[str, Any]) -> None:
-        if self.epoch is not None and msg["epoch"] != self.epoch:
-            log.warning("broker %s restarted (epoch %s -> %s); re-announced %d lease(s)",
-                        self.url, self.epoch, msg["epoch"], len(self._leases))
-        if msg["epoch"] != self.epoch:
-            with self._lock:
-                self._seen = 0  # grant numbers start again with every broker run
-        self.epoch = msg["epoch"]
-        fence = msg.get("fence")
-        self.fence = fence if isinstance(fence, str) and len(fence) < 20 else ""
-        self._heartbeat = max(0.05, float(msg["heartbeat"]))
-        now = time.monotonic()
-        with self._lock:
-            self._welcomed_gen = self._hello_gen
-            for req in self._requests.values():
-                if not req.done and req.hello_gen < self._hello_gen:
-                    left = req.deadline - now
-                    if left > 0:
-                        req.hello_gen = self._hello_gen
-                        self._outbox.append(p.encode("acquire", rid=req.rid, pool=req.pool,
-                                                     timeout=left))
-        self._wake()
-        if msg["rejected"]:
-            self._on_lost(msg["rejected"])
-        # a re-hello forfeits grants held across a stall (see _hello): none is trusted
-        self._confirm(set())
-
-    def _on_recall(self, pool: str, count: int, contended: bool) -> None:
-        with self._lock:
-            self._debt[pool] = count
-            self._contended[pool] = contended
-        if count or contended:
+        if actions.confirmed:
+            self.confirmed.set()
+        for req, lease, error in answered:
+            if req is not None:
+                _run_callback(req, lease, error)
+            elif lease is not None:  # its caller is gone (cannot happen): give it back
+                self.release(lease)
+        self._tell_pools_lost(actions.lost)
+        for pool in actions.recalled:
             for owner in list(self._pools):
                 if owner.pool == pool:
                     try:
@@ -676,22 +521,7 @@ class LeaseClient:
                     except Exception:
                         log.exception("%s: acting on a recall failed", owner)
 
-    def _on_lost(self, leases: List[int]) -> None:
-        if not leases:
-            return
-        with self._lock:
-            lost = [lease for lease in leases if lease in self._leases]
-            for lease in lost:
-                del self._leases[lease]
-                self._lost.add(lease)
-        if lost:
-            log.warning("broker %s no longer knows %d lease(s) of ours: they expired (no "
-                        "heartbeat for a TTL: was this process frozen?) or the broker lost "
-                        "them; their connections are cut and will be replaced under new "
-                        "leases", self.url, len(lost))
-            self._tell_pools_lost(set(lost))
-
-    def _tell_pools_lost(self, lost: set) -> None:
+    def _tell_pools_lost(self, lost: Set[int]) -> None:
         if not lost:
             return
         for owner in list(self._pools):

@@ -495,8 +495,8 @@ class Ledger:
             outs += self._rebalance(pool, now)
         return outs
 
-    def _reconcile(self, client: Client, listed: set, seen: int, now: float,
-                   changed: set) -> List[Out]:
+    def _reconcile(self, client: Client, listed: Set[int], seen: int, now: float,
+                   changed: Set[str]) -> List[Out]:
         outs: List[Out] = []
         for lease in list(client.leases.values()):
             if lease.seq is None or lease.id in listed:
@@ -733,7 +733,7 @@ class Ledger:
         self._count(self.pools[lease.pool], client.id, held=-1)
 
     @staticmethod
-    def _fence_entry(lease: Lease) -> list:
+    def _fence_entry(lease: Lease) -> List[Any]:
         return [lease.id, lease.backend_pid or 0, lease.pool, lease.user, lease.db]
 
     def swept(self, now: float) -> List[Out]:

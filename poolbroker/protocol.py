@@ -229,7 +229,8 @@ def encode(op: str, **fields: Any) -> bytes:
     and the tests check that everything we send decodes on the other side."""
     fields["v"] = PROTOCOL_VERSION
     fields["op"] = op
-    return msgpack.packb(fields, use_bin_type=True)
+    frame: bytes = msgpack.packb(fields, use_bin_type=True)  # msgpack is untyped
+    return frame
 
 
 def decode(

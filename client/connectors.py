@@ -22,6 +22,8 @@ import asyncio
 import enum
 from typing import Any, Dict, Generic, Optional, Tuple, Type, TypeVar
 
+import psycopg2.extensions  # a runtime dependency; psycopg 3 is imported only when used
+
 CT = TypeVar("CT")
 
 
@@ -47,6 +49,11 @@ class Connector(Generic[CT]):
     def status(self, conn: CT) -> Status:
         """The connection's state (no I/O)."""
         raise NotImplementedError
+
+    def is_idle(self, conn: CT) -> bool:
+        """``status(conn) is Status.IDLE``, as fast as the driver allows (it is on
+        every return of a connection)."""
+        return self.status(conn) is Status.IDLE
 
     def rollback(self, conn: CT) -> None:
         """Roll back the transaction in progress (blocking)."""
@@ -75,7 +82,7 @@ class Connector(Generic[CT]):
         """A connection came back to the pool."""
 
 
-class Psycopg2Connector(Connector[Any]):
+class Psycopg2Connector(Connector[psycopg2.extensions.connection]):
     """psycopg2: ``psycopg2.connect(conninfo, **kwargs)``."""
 
     name = "psycopg2"
@@ -86,6 +93,7 @@ class Psycopg2Connector(Connector[Any]):
 
         self._psycopg2 = psycopg2
         self._ext = ext
+        self._idle = ext.TRANSACTION_STATUS_IDLE
         self._statuses = {
             ext.TRANSACTION_STATUS_IDLE: Status.IDLE,
             ext.TRANSACTION_STATUS_INTRANS: Status.INTRANS,
@@ -100,6 +108,9 @@ class Psycopg2Connector(Connector[Any]):
         if conn.closed:
             return Status.BROKEN
         return self._statuses.get(conn.get_transaction_status(), Status.BROKEN)
+
+    def is_idle(self, conn: Any) -> bool:
+        return not conn.closed and conn.get_transaction_status() == self._idle
 
     def rollback(self, conn: Any) -> None:
         conn.rollback()

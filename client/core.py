@@ -25,10 +25,23 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+    cast,
+)
 
 from . import closing
-from .connectors import Connector, Status
+from .connectors import CT, Connector, Status
 from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .leases import LeaseClient, LeaseRequest, settings
 from .lifecycle import track_pool
@@ -74,7 +87,7 @@ class Waiter:
         self.granted_at = 0.0  # when the grant reached us (a freeze after it shows)
 
 
-class PoolCore:
+class PoolCore(Generic[CT]):
     """A pool of connections inside the broker's budget, for any driver.
 
     :param conninfo: libpq connection string (or URL), or a function returning
@@ -110,7 +123,7 @@ class PoolCore:
         self,
         conninfo: Union[str, Callable[[], str]] = "",
         *,
-        connector: Connector[Any],
+        connector: Connector[CT],
         broker: Optional[str] = None,
         pool: Optional[str] = None,
         min_size: int = 0,
@@ -119,8 +132,8 @@ class PoolCore:
         max_idle: float = 600.0,
         max_lifetime: float = 3600.0,
         kwargs: Union[Dict[str, Any], Callable[[], Dict[str, Any]], None] = None,
-        configure: Optional[Callable[[Any], None]] = None,
-        reset: Optional[Callable[[Any], None]] = None,
+        configure: Optional[Callable[[CT], None]] = None,
+        reset: Optional[Callable[[CT], None]] = None,
         name: Optional[str] = None,
         open: bool = True,
         close_timeout: float = 10.0,
@@ -226,7 +239,7 @@ class PoolCore:
                         f"open after {timeout:g}s ({self._lease_client().describe_broker()})")
                 self._cond.wait(left)
 
-    def getconn(self, timeout: Optional[float] = None) -> Any:
+    def getconn(self, timeout: Optional[float] = None) -> CT:
         """Take a connection; hand it back with :meth:`putconn`.
 
         Waits up to ``timeout`` seconds (default: the pool's ``timeout``) for a
@@ -241,14 +254,15 @@ class PoolCore:
         if not isinstance(got, Waiter):
             return got
         got.event.wait(max(0.0, got.deadline - start))
-        conn, lease = self.finish_wait(got, start, timeout)
+        handed, lease = self.finish_wait(got, start, timeout)
         if lease is None:
-            return conn
+            assert handed is not None
+            return handed
         conn = self.open_leased(lease, got.deadline, for_caller=True, granted_at=got.granted_at)
         self.note_acquired(start)
         return conn
 
-    def putconn(self, conn: Any) -> None:
+    def putconn(self, conn: CT) -> None:
         """Hand back a connection from :meth:`getconn`.
 
         A transaction left open is rolled back; a closed or broken connection is
@@ -256,7 +270,7 @@ class PoolCore:
         """
         self._return(conn, None)
 
-    def _return(self, conn: Any, discard: Optional[Tuple[str, "Retire"]],
+    def _return(self, conn: CT, discard: Optional[Tuple[str, "Retire"]],
                 now: bool = False) -> None:
         """putconn(), or with ``discard`` (reason, kind) close it instead of keeping
         it (``now``: in this thread, else the janitor's)."""
@@ -273,7 +287,7 @@ class PoolCore:
             # an open pool, nobody waiting, nothing owed to the broker
             if not (discard or self._waiting or self._closed or client is None
                     or self._reset is not None or c.created <= self._drained_at
-                    or self.connector.status(conn) is not Status.IDLE
+                    or not self.connector.is_idle(conn)
                     or client.is_lost(c.lease) or client.recall_owed(self._broker_pool)
                     or client.contended(self._broker_pool)):
                 t = time.monotonic()
@@ -291,12 +305,14 @@ class PoolCore:
         self._give_back(c)
 
     @contextmanager
-    def connection(self, timeout: Optional[float] = None) -> Iterator[Any]:
+    def connection(self, timeout: Optional[float] = None) -> Iterator[CT]:
         """``with pool.connection() as conn:`` commits on success, rolls back on
         error, and gives the connection back to the pool either way."""
         conn = self.getconn(timeout)
         try:
-            with conn:
+            # the driver's own transaction block (psycopg2: commit or roll back,
+            # the connection stays open)
+            with cast(Any, conn):
                 yield conn
         finally:
             self.putconn(conn)
@@ -323,7 +339,7 @@ class PoolCore:
             janitor.join(timeout)
         log.info("%s: closed", self.name)
 
-    def __enter__(self) -> "PoolCore":
+    def __enter__(self) -> "PoolCore[CT]":
         self.open()
         return self
 
@@ -469,7 +485,7 @@ class PoolCore:
     # the async pool's own connect followed by adopt and add_opened).
 
     def checkout(self, start: float, timeout: float,
-                 wake: Optional[Callable[[], None]] = None) -> Union[Any, Waiter]:
+                 wake: Optional[Callable[[], None]] = None) -> Union[CT, Waiter]:
         """An idle connection (marked in use), or a :class:`Waiter` queued for
         one (``wake`` is called when it is served). Never blocks.
         :class:`PoolClosed` if closed, :class:`TooManyRequests` if
@@ -495,7 +511,7 @@ class PoolCore:
         return waiter
 
     def finish_wait(self, w: Waiter, start: float,
-                    timeout: float) -> Tuple[Any, Optional[int]]:
+                    timeout: float) -> Tuple[Optional[CT], Optional[int]]:
         """After ``w``'s wake, or its deadline: ``(conn, None)`` for a connection
         handed over, ``(None, lease)`` for a lease to connect in (with
         :meth:`open_leased`); raises the error it got, or :class:`PoolTimeout`."""
@@ -579,7 +595,7 @@ class PoolCore:
     # ----------------------------------------------------------------- connecting
 
     def open_leased(self, lease: int, deadline: float, for_caller: bool,
-                    granted_at: float) -> Any:
+                    granted_at: float) -> CT:
         """Connect inside ``lease`` (granted at ``granted_at``): the connection, in
         use if ``for_caller``, else idle in the pool. On failure the lease goes back
         at once, after the server has seen any half-open connection close."""
@@ -611,7 +627,7 @@ class PoolCore:
             kwargs["connect_timeout"] = max(2, int(deadline - time.monotonic() + 0.999))
         return conninfo, kwargs
 
-    def adopt(self, conn: Any, lease: int, granted_at: float, deadline: float) -> Optional[int]:
+    def adopt(self, conn: CT, lease: int, granted_at: float, deadline: float) -> Optional[int]:
         """A connection just opened inside ``lease``: make sure the lease is still
         ours, watch its socket, tell the broker its backend. Returns the watched
         descriptor. May block (only after a stall, up to ``deadline``)."""
@@ -630,14 +646,14 @@ class PoolCore:
         client.connected(lease, pid, user, db)
         return fd
 
-    def check_configured(self, conn: Any) -> None:
+    def check_configured(self, conn: CT) -> None:
         """After ``configure``: :class:`PoolError` unless the connection is idle."""
         status = self.connector.status(conn)
         if status is not Status.IDLE:
             raise PoolError(f"{self.name}: configure() left the connection in status "
                             f"{status.value}; discarded")
 
-    def open_failed(self, lease: int, conn: Any, fd: Optional[int]) -> None:
+    def open_failed(self, lease: int, conn: Optional[CT], fd: Optional[int]) -> None:
         """Connecting inside ``lease`` failed (``conn`` may be half-open): close
         it, wait for the server to see that, give the lease back. Blocks."""
         with self._lock:
@@ -647,8 +663,8 @@ class PoolCore:
         late = self._close_and_wait([(conn, fd)]) if conn is not None else []
         self._lease_client().give_back(lease, fd if late else None)
 
-    def add_opened(self, conn: Any, lease: int, fd: Optional[int], t0: float,
-                   for_caller: bool) -> Any:
+    def add_opened(self, conn: CT, lease: int, fd: Optional[int], t0: float,
+                   for_caller: bool) -> CT:
         """A connection opened (since ``t0``) and configured inside ``lease`` joins
         the pool: in use if ``for_caller``, else idle (or handed to a waiter).
         :class:`PoolClosed` if the pool closed meanwhile (it is discarded)."""
@@ -1003,7 +1019,7 @@ class PoolCore:
         a second for each lease: what the drop-ins do at construction, so that a bad
         DSN fails the constructor while a momentarily full budget does not. A
         database error closes the pool and propagates. Returns how many opened."""
-        conns: List[Any] = []
+        conns: List[CT] = []
         try:
             for _ in range(count):
                 conns.append(self.getconn(timeout=min(1.0, self.timeout)))
@@ -1026,7 +1042,7 @@ class PoolCore:
             if count and not self._closed:
                 self._start_janitor_locked()
 
-    def take_idle(self, count_request: bool = True) -> Any:
+    def take_idle(self, count_request: bool = True) -> Optional[CT]:
         """An idle connection (the last returned), marked in use, or None: never
         waits, never asks the broker. Counted as a request unless told not to
         (a drop-in checking its idle connections)."""
@@ -1045,7 +1061,7 @@ class PoolCore:
         with self._lock:
             self._stats[stat] = self._stats.get(stat, 0) + value
 
-    def idle_connections(self) -> List[Any]:
+    def idle_connections(self) -> List[CT]:
         """The idle connections, the one idle longest first (a snapshot)."""
         with self._lock:
             return [c.conn for c in self._idle]
@@ -1056,7 +1072,7 @@ class PoolCore:
         with self._lock:
             return [c.returned for c in self._idle]
 
-    def discard(self, conn: Any, reason: str, kind: Optional["Retire"] = None,
+    def discard(self, conn: CT, reason: str, kind: Optional["Retire"] = None,
                 now: bool = False) -> None:
         """Take back ``conn`` (from :meth:`getconn`) and retire it instead of keeping
         it: closed, and its lease given back once the server has seen the close;

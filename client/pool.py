@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
+import psycopg2.extensions
+
 from .connectors import Psycopg2Connector
 from .core import PoolCore
 
 
-class ConnectionPool(PoolCore):
+class ConnectionPool(PoolCore[psycopg2.extensions.connection]):
     """A pool of psycopg2 connections inside the broker's budget.
 
     :param conninfo: libpq connection string (or URL) for ``psycopg2.connect``.
@@ -57,8 +59,8 @@ class ConnectionPool(PoolCore):
         max_idle: float = 600.0,
         max_lifetime: float = 3600.0,
         kwargs: Optional[Dict[str, Any]] = None,
-        configure: Optional[Callable[[Any], None]] = None,
-        reset: Optional[Callable[[Any], None]] = None,
+        configure: Optional[Callable[[psycopg2.extensions.connection], None]] = None,
+        reset: Optional[Callable[[psycopg2.extensions.connection], None]] = None,
         name: Optional[str] = None,
         open: bool = True,
         close_timeout: float = 10.0,

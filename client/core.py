@@ -567,7 +567,8 @@ class PoolCore(Generic[CT]):
 
     def _timeout_message(self, timeout: float) -> str:
         client = self._lease_client()
-        silent = client.last_reply is None or time.monotonic() - client.last_reply > 3.0
+        silent = client.last_reply is None or \
+            time.monotonic() - client.last_reply > client.quiet_limit()
         if silent:
             why = f"the broker does not answer: {client.describe_broker()}"
         else:

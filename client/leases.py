@@ -281,6 +281,10 @@ class LeaseClient:
         """True if the broker no longer counts ``lease`` (its connection must go)."""
         return lease in self._session.lost
 
+    def quiet_limit(self) -> float:
+        """Seconds without a message after which the broker is not answering."""
+        return self._session.quiet_limit()
+
     def describe_broker(self) -> str:
         """A phrase for error messages: is the broker answering?"""
         now = time.monotonic()
@@ -457,7 +461,7 @@ class LeaseClient:
                 continue
             idle[name] = idle.get(name, 0) + n
         with self._lock:
-            return self._session.heartbeat_frame(idle, rid)
+            return self._session.heartbeat_frame(idle, time.monotonic(), rid)
 
     def _retry_unanswered(self) -> None:
         """I/O thread: say hello again if no welcome came, and check again after a

@@ -182,6 +182,11 @@ class LeaseSession:
         self.check_at = now
         return self.check_rid
 
+    def quiet_limit(self) -> float:
+        """Seconds without a message after which the broker counts as not answering:
+        a live broker answers at least every third heartbeat (see heartbeat_frame)."""
+        return max(3.0, 4 * self.heartbeat)
+
     def hello_pending(self) -> bool:
         return self.hello_gen > self.welcomed_gen
 
@@ -198,12 +203,17 @@ class LeaseSession:
             self.check_at = now
         return hello, check
 
-    def heartbeat_frame(self, idle: Dict[str, int], rid: Optional[int] = None) -> bytes:
+    def heartbeat_frame(self, idle: Dict[str, int], now: float,
+                        rid: Optional[int] = None) -> bytes:
         """A heartbeat: every lease we hold (grants held back across a stall
         included: the broker frees what a client that has seen its grant does not
-        list), the idle counts, and what we have seen of this broker run."""
+        list), the idle counts, and what we have seen of this broker run. The
+        broker answers only with news, unless we ask (``ack``): we do when it has
+        been quiet for two heartbeats, so that :attr:`last_reply` says whether it
+        is there (see :meth:`quiet_limit`)."""
         fields: Dict[str, Any] = {
-            "idle": idle, "leases": list(self.leases) + [lz for _, _, lz in self.held]}
+            "idle": idle, "leases": list(self.leases) + [lz for _, _, lz in self.held],
+            "ack": self.last_reply is None or now - self.last_reply >= 2 * self.heartbeat}
         if self.epoch is not None:
             fields.update(epoch=self.epoch, seen=self.seen)
         if rid is not None:

@@ -468,6 +468,7 @@ class Ledger:
     def heartbeat(
         self, cid: ClientId, *, idle: Dict[str, int], leases: List[int], now: float,
         rid: Optional[int] = None, epoch: Optional[str] = None, seen: Optional[int] = None,
+        ack: bool = True,
     ) -> List[Out]:
         """The client is alive; ``idle`` says how many idle connections it keeps per
         pool (a hint for recalls), ``leases`` which leases it holds. With ``seen``
@@ -475,7 +476,10 @@ class Ledger:
         converge on lost messages: a lease whose grant the client has seen but
         that it no longer lists was released (the release got lost): freed; a
         grant the client has not seen long after it was sent got lost (ZeroMQ drops
-        silently to a peer that was away): sent again."""
+        silently to a peer that was away): sent again. The answer (``hb``) goes out
+        when it has news (leases we do not know), when it answers a numbered beat
+        (``rid``), or when the client asks (``ack``, the default): an idle fleet's
+        routine beats cost the broker no send."""
         client, outs = self._known(cid, None, now)
         if client is None:
             return outs
@@ -488,7 +492,7 @@ class Ledger:
         reply: Dict[str, Any] = {"epoch": self.epoch, "unknown": unknown}
         if rid is not None:  # the client wants to know it is this beat's answer
             reply["rid"] = rid
-        outs = [(cid, "hb", reply)]
+        outs = [(cid, "hb", reply)] if ack or unknown or rid is not None else []
         if epoch == self.epoch and seen is not None:
             outs += self._reconcile(client, set(leases), seen, now, changed)
         for pool in changed:

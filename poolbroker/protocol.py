@@ -192,7 +192,9 @@ CLIENT_OPS: dict[str, dict[str, Any]] = {
 # op -> {field: validator} for optional fields: checked when present.
 OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "connected": {"user": _name, "db": _name},
-    "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint},
+    # ack: False when the client needs no answer unless something is wrong (a
+    # client that does not say gets one every time, as before)
+    "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint, "ack": _bool},
     "release": {"unconfirmed": _bool},
     "grant": {"seq": _uint},  # broker -> client
     "recall": {"contended": _bool},  # broker -> client

@@ -478,7 +478,7 @@ class Broker:
         if op == "heartbeat":
             return ledger.heartbeat(cid, idle=msg["idle"], leases=msg["leases"], now=now,
                                     rid=msg.get("rid"), epoch=msg.get("epoch"),
-                                    seen=msg.get("seen"))
+                                    seen=msg.get("seen"), ack=msg.get("ack", True))
         if op == "hello":
             return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
                                 leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)

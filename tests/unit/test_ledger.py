@@ -443,3 +443,22 @@ def test_with_fencing_an_unconfirmed_release_is_fenced():
     assert ledger.leased("default") == 1
     ledger.fenced([lease], now=2.0)
     assert ledger.leased("default") == 0
+
+
+def test_a_routine_heartbeat_is_answered_only_with_news_or_when_asked():
+    ledger = make({"default": 2})
+    lease = grant(ledger, A, 1)
+    # nothing to say and no answer asked for: no send at all (an idle fleet's beats)
+    assert ops(ledger.heartbeat(A, idle={}, leases=[lease], now=1.0, ack=False), "hb") == []
+    # asked for (the default, for clients that do not say): answered
+    assert ops(ledger.heartbeat(A, idle={}, leases=[lease], now=1.5), "hb")
+    # news: a lease the broker does not know, answered even unasked
+    outs = ledger.heartbeat(A, idle={}, leases=[lease, 999], now=2.0, ack=False)
+    assert ops(outs, "hb")[0][1]["unknown"] == [999]
+    # a numbered beat (confirming after a stall) is always answered
+    outs = ledger.heartbeat(A, idle={}, leases=[lease], now=2.5, ack=False, rid=7)
+    assert ops(outs, "hb")[0][1]["rid"] == 7
+    # an unanswered beat still keeps the client alive (a TTL of 4 s from 3.0)
+    assert ops(ledger.heartbeat(A, idle={}, leases=[lease], now=3.0, ack=False), "hb") == []
+    ledger.tick(3.0 + 3.9)
+    assert A in ledger.clients

@@ -66,7 +66,7 @@ def test_grants_are_held_while_suspect_and_delivered_when_the_broker_vouches():
     assert s.on_message(grant(r1, 1), 1.1).granted == []
     assert s.on_message(grant(r2, 2), 1.1).granted == []
     # the heartbeat still lists held grants: the broker must not free them
-    assert set(decode([s.heartbeat_frame({}, check)])[0]["leases"]) == {1, 2}
+    assert set(decode([s.heartbeat_frame({}, 1.1, check)])[0]["leases"]) == {1, 2}
     # an answer to another beat confirms nothing
     assert not s.on_message({"op": "hb", "unknown": [], "rid": check + 100}, 1.2).confirmed
     acts = s.on_message({"op": "hb", "unknown": [2], "rid": check}, 1.3)
@@ -311,3 +311,13 @@ class SessionAgainstABroker(RuleBasedStateMachine):
 TestSessionAgainstABroker = SessionAgainstABroker.TestCase
 TestSessionAgainstABroker.settings = settings(max_examples=150, stateful_step_count=40,
                                               deadline=None)
+
+
+def test_heartbeats_ask_for_an_answer_only_after_two_quiet_beats():
+    s = welcomed(now=0.0, heartbeat=1.0)
+    ack = lambda now: decode([s.heartbeat_frame({}, now)])[0]["ack"]  # noqa: E731
+    assert not ack(1.0)  # the welcome came a second ago
+    assert ack(2.0)  # two heartbeats without a word
+    s.on_message({"op": "hb", "unknown": []}, 2.1)
+    assert not ack(3.0)
+    assert s.quiet_limit() == 4.0  # a live broker answers well within it

@@ -18,6 +18,8 @@ from . import protocol as p
 from .config import ConfigError
 from .config import load as load_config
 from .fencing import FenceConfigError
+from .metrics import MetricsError
+from .metrics import parse_address as parse_metrics_address
 from .security import InsecureEndpoint, apply_client_curve, default_admin_url, keygen
 from .server import AddressInUse, Broker
 
@@ -104,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="how long a slot stays counted when a client could not see the "
                             "server close its connection (default 8000: the server's TCP "
                             "keepalive notices a vanished client after about 2 h 11 min)")
+    serve.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (needs "
+                            "poolbroker[metrics]; default: $POOLBROKER_METRICS, metrics in "
+                            "the config file, else none)")
     serve.add_argument("--log-level", default=os.environ.get("POOLBROKER_LOG_LEVEL", "INFO"))
 
     keygen = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, "
@@ -154,7 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     file_config: dict = {"pools": {}, "ttl": None, "bind": None, "max_clients": None,
-                         "max_waiting": None}
+                         "max_waiting": None, "metrics": None}
     if args.config:
         try:
             file_config = load_config(args.config)
@@ -199,6 +205,13 @@ def _serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         caps[cap] = value
+    metrics = args.metrics or os.environ.get("POOLBROKER_METRICS") or file_config["metrics"]
+    if metrics:
+        try:
+            parse_metrics_address(metrics)
+        except ValueError as exc:
+            print(f"poolbroker serve: {exc}", file=sys.stderr)
+            return 2
     gid = None
     if args.socket_group:
         try:
@@ -216,10 +229,13 @@ def _serve(args: argparse.Namespace) -> int:
                config_path=args.config, pool_overrides=overrides,
                fence_dsn=args.fence_dsn, admin_bind=args.admin_bind, socket_group=gid,
                curve_secret=args.curve_secret, curve_clients=args.curve_clients,
-               unconfirmed_hold=args.unconfirmed_hold).run()
+               unconfirmed_hold=args.unconfirmed_hold, metrics_bind=metrics).run()
     except AddressInUse as exc:
         log.error("%s", exc)
         return 1
+    except MetricsError as exc:
+        log.error("%s; not starting", exc)
+        return 2
     except (FenceConfigError, InsecureEndpoint) as exc:
         log.error("%s; not starting", exc)
         return 2

@@ -4,6 +4,7 @@
     ttl = 4.0                                   # optional; read at start only
     max_clients = 1000                          # optional; read at start only
     max_waiting = 10000                         # optional; read at start only
+    metrics = "127.0.0.1:9187"                  # optional; Prometheus /metrics
     [pools]
     default = 20
     reports = 4
@@ -47,12 +48,14 @@ def load(path: str) -> Dict[str, Any]:
                               f"not {size!r}")
     if "ttl" in data and not (isinstance(data["ttl"], (int, float)) and data["ttl"] > 0.3):
         raise ConfigError(f"{path}: ttl must be a number of seconds above 0.3")
-    if "bind" in data and not isinstance(data["bind"], str):
-        raise ConfigError(f"{path}: bind must be a string")
+    for key in ("bind", "metrics"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{path}: {key} must be a string")
     for cap in ("max_clients", "max_waiting"):
         value = data.get(cap)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):
             raise ConfigError(f"{path}: {cap} must be an integer >= 1, not {value!r}")
     return {"pools": dict(pools), "ttl": data.get("ttl"), "bind": data.get("bind"),
-            "max_clients": data.get("max_clients"), "max_waiting": data.get("max_waiting")}
+            "max_clients": data.get("max_clients"), "max_waiting": data.get("max_waiting"),
+            "metrics": data.get("metrics")}

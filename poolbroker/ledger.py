@@ -57,6 +57,9 @@ Out = Tuple[ClientId, str, Dict[str, Any]]
 #: Seconds a pool stays contended after its queue has emptied.
 CONTENTION_LINGER = 1.0
 
+#: Upper bounds (seconds) of the lease wait histogram's buckets (Prometheus' ``le``).
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
 # kinds of timer in the ledger's heap
 _WAITER, _CLIENT, _UNCONFIRMED = 0, 1, 2
 
@@ -115,9 +118,45 @@ class Client:
 
 
 @dataclass
+class Counters:
+    """What happened in one pool since the broker started (for metrics)."""
+
+    grants: int = 0
+    recalls: int = 0  # leases asked back
+    expired: int = 0  # leases of clients that went silent (or were declared gone)
+    timeouts: int = 0  # requests that waited past their deadline
+    # how long granted requests waited: a count per WAIT_BUCKETS bound (not
+    # cumulative) and one more for longer waits, and the total
+    wait_counts: List[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    wait_sum: float = 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.grants += 1
+        self.wait_sum += seconds
+        for i, bound in enumerate(WAIT_BUCKETS):
+            if seconds <= bound:
+                self.wait_counts[i] += 1
+                return
+        self.wait_counts[-1] += 1
+
+    def view(self) -> Dict[str, Any]:
+        """The counters as plain data; ``wait_buckets`` is cumulative, as
+        Prometheus wants it: ``[[bound, waits <= bound], ...]``."""
+        running, buckets = 0, []
+        for bound, n in zip(WAIT_BUCKETS, self.wait_counts):
+            running += n
+            buckets.append([bound, running])
+        return {"grants": self.grants, "recalls": self.recalls, "expired": self.expired,
+                "timeouts": self.timeouts, "wait_buckets": buckets,
+                "wait_count": running + self.wait_counts[-1],
+                "wait_sum": round(self.wait_sum, 6)}
+
+
+@dataclass
 class Pool:
     name: str
     max: int
+    counters: Counters = field(default_factory=Counters)
     paused: bool = False  # grant nothing; requests wait (PgBouncer's PAUSE)
     draining: bool = False  # refuse new requests; every lease is asked back
     leases: Dict[int, Lease] = field(default_factory=dict)
@@ -392,7 +431,7 @@ class Ledger:
                 and not the_pool.paused and not the_pool.contended and not the_pool.told):
             # the common case, a pool with room that nobody waits for: granted
             # straight away, nothing to queue, recall or tell anyone
-            return [self._grant(the_pool, client, rid, now)]
+            return [self._grant(the_pool, client, rid, now, waited=0.0)]
         self._enqueue(client, Waiter(cid, rid, pool, now + timeout, now))
         return self._rebalance(pool, now)
 
@@ -556,6 +595,7 @@ class Ledger:
                 waiter = client.waiting[rid]
                 self._dequeue(client, waiter)
                 pool = self.pools[waiter.pool]
+                pool.counters.timeouts += 1
                 outs.append(self._error(
                     cid, rid, p.E_TIMEOUT,
                     f"no lease in pool {pool.name!r} within the deadline "
@@ -774,8 +814,9 @@ class Ledger:
         pools |= {w.pool for w in client.waiting.values()}
         outs: List[Out] = []
         if expired:
-            for lease_id in client.leases:  # whatever happens next, never adopt these
-                self._remember_expired(lease_id)
+            for lease in client.leases.values():  # whatever happens next, never adopt these
+                self._remember_expired(lease.id)
+                self.pools[lease.pool].counters.expired += 1
         if expired and self.fence and client.leases:
             to_fence = []
             for lease in list(client.leases.values()):
@@ -812,7 +853,7 @@ class Ledger:
             waiter = self._pick(pool)
             client = self.clients[waiter.client]
             self._dequeue(client, waiter)
-            outs.append(self._grant(pool, client, waiter.rid, now))
+            outs.append(self._grant(pool, client, waiter.rid, now, waited=now - waiter.since))
         if pool.queue:
             pool.contended, pool.quiet_since = True, None
         elif pool.contended and pool.quiet_since is None:
@@ -826,8 +867,10 @@ class Ledger:
         for cid in list(pool.demand) + [c for c in pool.told if c not in pool.demand]:
             client = self.clients[cid]
             target = wanted.get(cid, 0)
-            if (client.recall.get(pool.name, 0) != target
-                    or client.contended.get(pool.name, False) != contended):
+            before = client.recall.get(pool.name, 0)
+            if target > before:
+                pool.counters.recalls += target - before
+            if before != target or client.contended.get(pool.name, False) != contended:
                 client.recall[pool.name] = target
                 client.contended[pool.name] = contended
                 outs.append((cid, "recall",
@@ -838,7 +881,8 @@ class Ledger:
                 pool.told.discard(cid)
         return outs
 
-    def _grant(self, pool: Pool, client: Client, rid: int, now: float) -> Out:
+    def _grant(self, pool: Pool, client: Client, rid: int, now: float, waited: float) -> Out:
+        pool.counters.waited(waited)
         self._grant_seq += 1
         lease = Lease(self.ids.issue(pool.name, self._id_in_use), pool.name, client.id,
                       now, rid=rid, seq=self._grant_seq)
@@ -961,6 +1005,7 @@ class Ledger:
                 "waiting": len(pool.queue),
                 "clients": len(pool.demand),
                 "contended": pool.contended,
+                **pool.counters.view(),
             }
         clients = []
         for client in self.clients.values():

@@ -30,6 +30,7 @@ from .fencing import Fencer, tag_prefix
 from .fencing import check_dsn as check_fence_dsn
 from .leaseids import LeaseIds
 from .ledger import Ledger, Out
+from .metrics import MetricsServer, SnapshotExchange
 from .security import (
     InsecureEndpoint,
     bind_private,
@@ -139,9 +140,12 @@ class Broker:
         curve_secret: Optional[str] = None,
         curve_clients: Optional[str] = None,
         unconfirmed_hold: float = 8000.0,
+        metrics_bind: Optional[str] = None,
     ) -> None:
-        """``admin_bind``: where administration is accepted (None: ``ipc://PATH.admin``
-        beside an ipc ``bind``; "": nowhere). ``socket_group``: a gid that may use
+        """``metrics_bind``: HOST:PORT for Prometheus' ``/metrics`` (None: no
+        metrics; see :mod:`poolbroker.metrics`). ``admin_bind``: where
+        administration is accepted (None: ``ipc://PATH.admin`` beside an ipc
+        ``bind``; "": nowhere). ``socket_group``: a gid that may use
         the ipc socket (0660). ``curve_secret``/``curve_clients``: the broker's
         secret certificate and a directory of allowed client public certificates
         (see :mod:`poolbroker.security`)."""
@@ -182,6 +186,10 @@ class Broker:
         self.frame_errors = 0  # frames that hit a bug (logged): must stay 0
         self.loop_errors = 0
         self._last_bad_log = 0.0
+        self.metrics_bind = metrics_bind
+        self.metrics: Optional[MetricsServer] = None
+        self._snapshots = SnapshotExchange(self._poke)
+        self._started = time.monotonic()
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
@@ -286,6 +294,8 @@ class Broker:
             self._start_grace()
             if self.fence_dsn:
                 self.fencer = Fencer(self.fence_dsn, self.broker_id, self._poke)
+            if self.metrics_bind:
+                self.metrics = MetricsServer(self.metrics_bind, self._snapshots.ask)
             if signals:
                 self._install_signals()
             poller = zmq.Poller()
@@ -325,6 +335,8 @@ class Broker:
             guard.release()
             if self.fencer is not None:
                 self.fencer.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
 
     @staticmethod
     def _router(ctx: zmq.Context) -> zmq.Socket:
@@ -382,6 +394,8 @@ class Broker:
             outs = self.ledger.fenced(leases, now) if kind == "fenced" else \
                 self.ledger.swept(now)
             self._send(sock, outs)
+        if self._snapshots.wanted:
+            self._snapshots.serve(lambda: self.status_data(self.clock.now()))
         if self._reload:
             self._reload = False
             self._send(sock, self.reload_config(self.clock.now()))
@@ -492,15 +506,20 @@ class Broker:
                     f"({where})"))]
             return self._admin(cid, msg, now)
         if op == "status":
-            data = ledger.snapshot(now)
-            data["bad_frames"] = self.bad_frames
-            data["frame_errors"] = self.frame_errors
-            data["loop_errors"] = self.loop_errors
-            data["lost_s"] = round(self.clock.lost, 3)
-            if self.fencer is not None:
-                data.update(self.fencer.stats())
-            return [(cid, "status", {"rid": msg["rid"], "data": data})]
+            return [(cid, "status", {"rid": msg["rid"], "data": self.status_data(now)})]
         raise AssertionError(f"op {op!r} validated but not dispatched")
+
+    def status_data(self, now: float) -> Dict[str, Any]:
+        """What ``poolbroker status`` and ``/metrics`` show (loop thread only)."""
+        data = self.ledger.snapshot(now)
+        data["bad_frames"] = self.bad_frames
+        data["frame_errors"] = self.frame_errors
+        data["loop_errors"] = self.loop_errors
+        data["lost_s"] = round(self.clock.lost, 3)
+        data["uptime_s"] = round(time.monotonic() - self._started, 3)
+        if self.fencer is not None:
+            data.update(self.fencer.stats())
+        return data
 
     def _admin(self, cid: bytes, msg: Dict[str, Any], now: float) -> List[Out]:
         op, name, rid = msg["op"], msg["pool"], msg["rid"]

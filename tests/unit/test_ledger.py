@@ -51,9 +51,29 @@ def test_grants_up_to_max_then_queues():
     assert grant(ledger, A, 1) is not None
     assert grant(ledger, B, 1) is not None
     assert grant(ledger, C, 1) is None
-    assert ledger.snapshot(0)["pools"]["default"] == {
+    shown = ledger.snapshot(0)["pools"]["default"]
+    assert {k: shown[k] for k in ("max", "leased", "idle", "busy", "waiting", "paused",
+                                  "draining", "fencing", "unconfirmed", "contended",
+                                  "clients")} == {
         "max": 2, "leased": 2, "idle": 0, "busy": 2, "waiting": 1, "paused": False,
         "draining": False, "fencing": 0, "unconfirmed": 0, "contended": True, "clients": 3}
+
+
+def test_counters_follow_grants_waits_timeouts_recalls_and_expiries():
+    ledger = make({"default": 1})
+    first = grant(ledger, A, 1, now=0.0)
+    assert grant(ledger, B, 1, now=0.0, timeout=0.5) is None
+    ledger.tick(1.0)  # B's request is past its deadline
+    assert grant(ledger, C, 1, now=1.0) is None
+    ledger.heartbeat(A, idle={"default": 1}, leases=[first], now=1.0)  # A's is idle: recalled
+    outs = ledger.release(A, lease=first, now=1.5)
+    assert ops(outs, "grant"), "C is served when A gives its lease back"
+    ledger.tick(10.0)  # everyone silent since: C's lease expires
+    view = ledger.snapshot(10.0)["pools"]["default"]
+    assert (view["grants"], view["timeouts"], view["recalls"], view["expired"]) == (2, 1, 1, 1)
+    assert view["wait_count"] == 2 and view["wait_sum"] == pytest.approx(0.5)
+    buckets = dict(view["wait_buckets"])
+    assert buckets[0.001] == 1 and buckets[0.25] == 1 and buckets[0.5] == 2
 
 
 def test_release_goes_to_the_oldest_waiter():

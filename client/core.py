@@ -52,15 +52,20 @@ log = logging.getLogger("poolbroker_client")
 class _Conn:
     """A pooled connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "lease", "fd", "created", "returned", "expires", "in_use")
+    __slots__ = ("conn", "lease", "fd", "created", "returned", "expires", "in_use",
+                 "out_since")
 
     def __init__(self, conn: Any, lease: int, fd: Optional[int], expires: float) -> None:
         self.conn = conn
         self.lease = lease
         self.fd = fd
-        self.created = self.returned = time.monotonic()
+        self.created = self.returned = self.out_since = time.monotonic()
         self.expires = expires
         self.in_use = True
+
+    def check_out(self) -> None:
+        self.in_use = True
+        self.out_since = time.monotonic()
 
 
 class Waiter:
@@ -498,7 +503,7 @@ class PoolCore(Generic[CT]):
                 self._start_janitor_locked()
             if self._idle:
                 c = self._idle.pop()  # LIFO: the spare ones at the left age out
-                c.in_use = True
+                c.check_out()
                 return c.conn
             if self.max_waiting and len(self._waiting) >= self.max_waiting:
                 self._stats["requests_errors"] += 1
@@ -744,7 +749,7 @@ class PoolCore(Generic[CT]):
                     w = self._waiting.popleft()
                     if w.done:
                         continue
-                    c.in_use = True
+                    c.check_out()
                     w.conn = c
                     w.done = True
                     w.wake()
@@ -799,6 +804,12 @@ class PoolCore(Generic[CT]):
         """Leases held by idle connections (a hint the heartbeat carries: the
         broker recalls idle ones first)."""
         return len(self._idle)
+
+    def checkouts(self) -> Dict[int, float]:
+        """Lease id -> ``time.monotonic()`` when its connection was checked out,
+        for the connections in use (``poolbroker clients`` shows who holds what).
+        Lock-free, as the I/O thread needs: a racy read is fine for a report."""
+        return {c.lease: c.out_since for c in list(self._all.values()) if c.in_use}
 
     def _contended(self) -> bool:
         client = self._client
@@ -1050,7 +1061,7 @@ class PoolCore(Generic[CT]):
         with self._lock:
             if self._idle and not self._closed:
                 c = self._idle.pop()
-                c.in_use = True
+                c.check_out()
                 if count_request:
                     self._stats["requests_num"] += 1
                 return c.conn

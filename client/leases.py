@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -68,6 +69,11 @@ class LeaseOwner(Protocol):
 
     def on_lost(self, leases: Set[int]) -> None:
         """The broker no longer counts these leases: their connections must go."""
+        ...
+
+    def checkouts(self) -> Dict[int, float]:
+        """Lease id -> ``time.monotonic()`` when its connection was checked out,
+        for connections in use now (reported to the broker with each heartbeat)."""
         ...
 
 
@@ -123,7 +129,7 @@ class LeaseClient:
         self.url = url
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._session = LeaseSession(os.getpid(), socket.gethostname(), _process_name())
+        self._session = LeaseSession(os.getpid(), socket.gethostname(), application_name())
         self._outbox: List[bytes] = []
         self._callbacks: Dict[int, LeaseRequest] = {}  # rid -> its request
         self._pools: "weakref.WeakSet[LeaseOwner]" = weakref.WeakSet()
@@ -133,6 +139,7 @@ class LeaseClient:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.confirmed = threading.Event()  # set while not suspect
+        self._direct: Dict[int, float] = {}  # lease() blocks: lease id -> since
         self.confirmed.set()
         self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
@@ -451,17 +458,29 @@ class LeaseClient:
                 return True
         return False
 
+    def checked_out(self, lease: int, since: float) -> None:
+        """A lease held outside any pool (``lease()``) is in use since ``since``
+        (``time.monotonic()``); :meth:`checked_in` when it is not any more."""
+        self._direct[lease] = since
+
+    def checked_in(self, lease: int) -> None:
+        self._direct.pop(lease, None)
+
     def _heartbeat_frame(self, rid: Optional[int] = None) -> bytes:
         idle: Dict[str, int] = {}
+        since = dict(self._direct)
         for pool in list(self._pools):
             try:
                 name, n = pool.pool, pool.idle_leases()
+                since.update(pool.checkouts())
             except Exception:  # a hint for recalls only: never worth the thread
                 log.exception("%s: counting idle connections failed", pool)
                 continue
             idle[name] = idle.get(name, 0) + n
+        now = time.monotonic()
+        busy = {lease: max(0.0, round(now - t, 3)) for lease, t in since.items()}
         with self._lock:
-            return self._session.heartbeat_frame(idle, time.monotonic(), rid)
+            return self._session.heartbeat_frame(idle, now, rid, busy=busy)
 
     def _retry_unanswered(self) -> None:
         """I/O thread: say hello again if no welcome came, and check again after a
@@ -557,11 +576,23 @@ def _run_callback(req: LeaseRequest, lease: Optional[int], error: Optional[BaseE
         log.exception("lease callback failed")
 
 
-def _process_name() -> str:
+def application_name() -> str:
+    """Who this process is, as ``poolbroker clients`` shows it and per-name quotas
+    match it: ``$POOLBROKER_APPLICATION_NAME``, else the program's name (e.g.
+    ``gunicorn``, ``celery``, ``worker.py``), with a multiprocessing child's name
+    after a slash."""
+    name = os.environ.get("POOLBROKER_APPLICATION_NAME", "")
+    if not name:
+        argv = getattr(sys, "argv", None) or [""]
+        name = os.path.basename(argv[0] or "") or "python"
+        if name in ("__main__.py", "-c", "-m"):
+            name = os.path.basename(sys.executable or "python")
     try:
         import multiprocessing
 
-        name = multiprocessing.current_process().name
-        return "" if name == "MainProcess" else name
+        child = multiprocessing.current_process().name
     except Exception:
-        return ""
+        child = "MainProcess"
+    if child != "MainProcess":
+        name = f"{name}/{child}"
+    return name[:200]

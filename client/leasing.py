@@ -27,6 +27,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from typing import Any, AsyncIterator, Iterator, List, Optional, Tuple
 
 from . import closing
@@ -47,6 +48,7 @@ class Lease:
         self.pool = pool
         self._client = client
         self._attached: List[Tuple[Any, Optional[int]]] = []
+        client.checked_out(lease_id, time.monotonic())  # in use for the whole block
 
     def attach(self, conn: Any) -> None:
         """Tie a connection to this lease: a DB-API or asyncpg connection, a
@@ -86,6 +88,7 @@ def _failure(error: BaseException, pool: str, url: str, timeout: float) -> BaseE
 
 def _release(slot: Lease) -> None:
     """Close what is attached, wait for the server to see it, give the lease back."""
+    slot._client.checked_in(slot.id)
     # connections and sockets are closed here (an async close was awaited before);
     # a bare descriptor is the caller's to close
     items = [(None if isinstance(conn, int) or _async_close(conn) else conn, fd)

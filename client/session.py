@@ -204,13 +204,16 @@ class LeaseSession:
         return hello, check
 
     def heartbeat_frame(self, idle: Dict[str, int], now: float,
-                        rid: Optional[int] = None) -> bytes:
+                        rid: Optional[int] = None,
+                        busy: Optional[Dict[int, float]] = None) -> bytes:
         """A heartbeat: every lease we hold (grants held back across a stall
         included: the broker frees what a client that has seen its grant does not
         list), the idle counts, and what we have seen of this broker run. The
         broker answers only with news, unless we ask (``ack``): we do when it has
         been quiet for two heartbeats, so that :attr:`last_reply` says whether it
-        is there (see :meth:`quiet_limit`)."""
+        is there (see :meth:`quiet_limit`). ``busy``: lease id -> seconds its
+        connection has been checked out, for the leases in use (sent only for
+        leases we hold, and only when there are any)."""
         fields: Dict[str, Any] = {
             "idle": idle, "leases": list(self.leases) + [lz for _, _, lz in self.held],
             "ack": self.last_reply is None or now - self.last_reply >= 2 * self.heartbeat}
@@ -218,6 +221,10 @@ class LeaseSession:
             fields.update(epoch=self.epoch, seen=self.seen)
         if rid is not None:
             fields["rid"] = rid
+        if busy:
+            held = [[lease, secs] for lease, secs in busy.items() if lease in self.leases]
+            if held:
+                fields["busy"] = held[:p.MAX_LIST_ITEMS]
         return p.encode("heartbeat", **fields)
 
     def died(self) -> Tuple[List[int], Set[int]]:

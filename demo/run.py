@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from devtools.pgcluster import PgCluster, free_port
 from devtools.sampler import Sampler
 from poolbroker.cli import query_status
+from poolbroker.top import run as run_top
 
 TAG = "pb-demo"
 
@@ -65,7 +66,7 @@ def main() -> int:
             web = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "--preload", "-w", "4", "--threads", "4",
                  "-b", f"127.0.0.1:{port}", "--log-level", "warning", "demo.webapp:app"],
-                env=env)
+                env={**env, "POOLBROKER_APPLICATION_NAME": "web"})
             procs.append(web)
             site = f"http://127.0.0.1:{port}/"
             _wait_http(site, web)
@@ -76,7 +77,8 @@ def main() -> int:
 
             batch = subprocess.Popen(
                 [sys.executable, "-m", "demo.batch", "4", str(args.seconds)],
-                env=env, stdout=subprocess.PIPE, text=True)
+                env={**env, "POOLBROKER_APPLICATION_NAME": "batch"},
+                stdout=subprocess.PIPE, text=True)
             procs.append(batch)
             ok = [0]
             failed = [0]
@@ -95,11 +97,18 @@ def main() -> int:
                     for _ in range(32):
                         ex.submit(hit)
                     start = time.monotonic()
+                    shown_top = False
                     while time.monotonic() - start < args.seconds:
                         time.sleep(1.0)
                         print(f"t={time.monotonic() - start:4.1f}s  server connections: "
                               f"max seen {sampler.max[TAG]} / budget {args.budget}  "
                               f"web requests ok {ok[0]}  failed {failed[0]}", flush=True)
+                        if not shown_top and time.monotonic() - start >= args.seconds / 2:
+                            shown_top = True  # what an operator sees mid-run
+                            print(f"\n$ poolbroker top --broker {url} --once --rows 8")
+                            run_top(lambda: query_status(url, leases=True), url, once=True,
+                                    interval=1.0, rows=8)
+                            print(flush=True)
                     stop.set()
                 batch_out, _ = batch.communicate(timeout=60)
             web.send_signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import zmq
 
 from . import protocol as p
+from . import views
 from .config import ConfigError
 from .config import load as load_config
 from .fencing import FenceConfigError
@@ -123,6 +124,20 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--timeout", type=float, default=3.0,
                         help="seconds to wait for the broker's answer (default 3)")
+    clients = sub.add_parser("clients", help="who holds what: every lease and queued request, "
+                             "the longest checkouts first (like PgBouncer's SHOW CLIENTS)")
+    top = sub.add_parser("top", help="a live view of pools and clients (needs poolbroker[top])")
+    for view in (clients, top):
+        view.add_argument("--broker", default=os.environ.get("POOLBROKER_URL"),
+                          help="broker endpoint (default: $POOLBROKER_URL)")
+        view.add_argument("--pool", default=None, metavar="NAME", help="only this pool")
+        view.add_argument("--timeout", type=float, default=3.0,
+                          help="seconds to wait for the broker's answer (default 3)")
+    clients.add_argument("--json", action="store_true", help="print one JSON list")
+    top.add_argument("--interval", type=float, default=1.0,
+                     help="seconds between refreshes (default 1)")
+    top.add_argument("--once", action="store_true", help="print one screen and exit")
+    top.add_argument("--rows", type=int, default=20, help="client rows shown (default 20)")
     for name, helptext in (("resize", "change a pool's max at run time"),
                            ("drain", "refuse new leases and ask every lease back"),
                            ("pause", "grant nothing new; requests wait"),
@@ -147,6 +162,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _serve(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "clients":
+        return _clients(args)
+    if args.command == "top":
+        return _top(args)
     if args.command == "keygen":
         public, secret = keygen(args.dir, args.name)
         print(f"public key: {public}  (give it to whoever must trust {args.name})\n"
@@ -273,9 +292,11 @@ def request(url: str, op: str, timeout: float = 3.0, **fields: object) -> dict:
         sock.close(0)
 
 
-def query_status(url: str, timeout: float = 3.0) -> dict:
-    """The broker's status (see ``poolbroker status --json``)."""
-    return request(url, "status", timeout)["data"]
+def query_status(url: str, timeout: float = 3.0, leases: bool = False) -> dict:
+    """The broker's status (see ``poolbroker status --json``); with ``leases``, also
+    every lease and queued request under ``"leases"`` (``poolbroker clients``)."""
+    fields = {"leases": True} if leases else {}
+    return request(url, "status", timeout, **fields)["data"]
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -327,6 +348,46 @@ def _status(args: argparse.Namespace) -> int:
               f"waiting {c['waiting']:<4} last heartbeat {c['last_heartbeat_s']:.1f}s ago"
               + (f"  ({c['name']})" if c["name"] else ""))
     return 0
+
+
+def _clients(args: argparse.Namespace) -> int:
+    if not args.broker:
+        print("poolbroker clients: no address: pass --broker URL or set POOLBROKER_URL",
+              file=sys.stderr)
+        return 2
+    try:
+        data = query_status(args.broker, args.timeout, leases=True)
+    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
+        print(f"poolbroker clients: {exc}", file=sys.stderr)
+        return 1
+    rows = [r for r in data["leases"] if args.pool is None or r["pool"] == args.pool]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(views.clients_table(rows))
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    if not args.broker:
+        print("poolbroker top: no address: pass --broker URL or set POOLBROKER_URL",
+              file=sys.stderr)
+        return 2
+    try:
+        from .top import run as run_top
+    except ImportError:
+        print("poolbroker top needs rich: pip install 'poolbroker[top]'", file=sys.stderr)
+        return 2
+
+    def fetch() -> dict:
+        return query_status(args.broker, args.timeout, leases=True)
+
+    try:
+        return run_top(fetch, args.broker, interval=args.interval, once=args.once,
+                       rows=args.rows, pool=args.pool)
+    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
+        print(f"poolbroker top: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ Out = Tuple[ClientId, str, Dict[str, Any]]
 #: Seconds a pool stays contended after its queue has emptied.
 CONTENTION_LINGER = 1.0
 
+#: A request cancelled this close to its deadline is counted as a timeout: its
+#: client gave up at the same deadline (the cancel may arrive before the broker's
+#: own deadline passes).
+TIMEOUT_MARGIN = 0.1
+
 #: Upper bounds (seconds) of the lease wait histogram's buckets (Prometheus' ``le``).
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -111,6 +116,9 @@ class Client:
     idle: Dict[str, int] = field(default_factory=dict)  # as last reported
     recall: Dict[str, int] = field(default_factory=dict)  # pool -> leases asked back
     contended: Dict[str, bool] = field(default_factory=dict)  # pool -> as last told
+    # lease -> when its connection was checked out, as of the last heartbeat
+    busy: Dict[int, float] = field(default_factory=dict)
+    busy_at: float = 0.0  # when that heartbeat came
 
     def held(self, pool: str) -> int:
         """Leases held in ``pool``, counted (for tests; the ledger keeps ``Pool.demand``)."""
@@ -124,7 +132,7 @@ class Counters:
     grants: int = 0
     recalls: int = 0  # leases asked back
     expired: int = 0  # leases of clients that went silent (or were declared gone)
-    timeouts: int = 0  # requests that waited past their deadline
+    timeouts: int = 0  # requests that waited until their deadline
     # how long granted requests waited: a count per WAIT_BUCKETS bound (not
     # cumulative) and one more for longer waits, and the total
     wait_counts: List[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
@@ -444,6 +452,9 @@ class Ledger:
         waiter = client.waiting.get(rid)
         if waiter is None:
             return []
+        if now >= waiter.deadline - TIMEOUT_MARGIN:
+            # the client gave up at the same deadline and its cancel came first
+            self.pools[waiter.pool].counters.timeouts += 1
         self._dequeue(client, waiter)
         return self._rebalance(waiter.pool, now)
 
@@ -507,7 +518,7 @@ class Ledger:
     def heartbeat(
         self, cid: ClientId, *, idle: Dict[str, int], leases: List[int], now: float,
         rid: Optional[int] = None, epoch: Optional[str] = None, seen: Optional[int] = None,
-        ack: bool = True,
+        ack: bool = True, busy: Optional[List[List[Any]]] = None,
     ) -> List[Out]:
         """The client is alive; ``idle`` says how many idle connections it keeps per
         pool (a hint for recalls), ``leases`` which leases it holds. With ``seen``
@@ -518,10 +529,15 @@ class Ledger:
         silently to a peer that was away): sent again. The answer (``hb``) goes out
         when it has news (leases we do not know), when it answers a numbered beat
         (``rid``), or when the client asks (``ack``, the default): an idle fleet's
-        routine beats cost the broker no send."""
+        routine beats cost the broker no send. ``busy`` lists the leases whose
+        connections are checked out, with for how many seconds (for
+        ``poolbroker clients``)."""
         client, outs = self._known(cid, None, now)
         if client is None:
             return outs
+        client.busy = {lease: now - secs for lease, secs in busy
+                       if lease in client.leases} if busy else {}
+        client.busy_at = now
         changed = {pool for pool in set(idle) | set(client.idle)
                    if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)}
         client.idle = {k: v for k, v in idle.items() if k in self.pools}
@@ -770,6 +786,7 @@ class Ledger:
 
     def _orphan(self, client: Client, lease: Lease) -> None:
         """Detach ``lease`` (already out of ``client.leases``) from its client."""
+        client.busy.pop(lease.id, None)
         if lease.rid is not None:
             client.granted.pop(lease.rid, None)
         if client.recall.get(lease.pool):
@@ -986,6 +1003,44 @@ class Ledger:
         return targets
 
     # ------------------------------------------------------------------ views
+
+    def holders(self, now: float) -> List[Dict[str, Any]]:
+        """Every lease and every queued request, with who holds or wants it
+        (``poolbroker clients``, like PgBouncer's ``SHOW CLIENTS``): the longest
+        checkouts first, then the longest waits, then idle leases. Checkouts are
+        known as of each client's last heartbeat (``reported_s`` ago): one that
+        began before it counts as going on since (a connection checked in and
+        out again since then shows up to one heartbeat too long)."""
+        rows: List[Dict[str, Any]] = []
+
+        def who(cid: ClientId) -> Dict[str, Any]:
+            client = self.clients.get(cid)
+            if client is None:  # fencing or unconfirmed after its client left
+                return {"client": _label(cid), "pid": 0, "host": "", "name": ""}
+            return {"client": _label(cid), "pid": client.pid, "host": client.host,
+                    "name": client.name}
+
+        for pool in self.pools.values():
+            for lease in pool.leases.values():
+                client = self.clients.get(lease.client)
+                since = client.busy.get(lease.id) if client is not None else None
+                state = ("fencing" if lease.fencing else "unconfirmed" if lease.unconfirmed
+                         else "busy" if since is not None else "idle")
+                rows.append({"lease": lease.id, "pool": pool.name, **who(lease.client),
+                             "state": state, "backend_pid": lease.backend_pid,
+                             "held_s": round(now - lease.granted_at, 3),
+                             "checked_out_s": None if since is None else
+                             round(now - since, 3),
+                             "reported_s": None if client is None else
+                             round(now - client.busy_at, 3)})
+            for waiter in pool.queue.values():
+                rows.append({"lease": None, "pool": pool.name, **who(waiter.client),
+                             "state": "waiting", "backend_pid": None,
+                             "waiting_s": round(now - waiter.since, 3)})
+        order = {"busy": 0, "waiting": 1, "fencing": 2, "unconfirmed": 3, "idle": 4}
+        rows.sort(key=lambda r: (order[r["state"]], -(r.get("checked_out_s") or 0.0),
+                                 -(r.get("waiting_s") or 0.0), -r.get("held_s", 0.0)))
+        return rows
 
     def snapshot(self, now: float) -> Dict[str, Any]:
         """What ``poolbroker status`` shows: per pool and per client figures."""

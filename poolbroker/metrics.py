@@ -37,7 +37,7 @@ _POOL_COUNTERS = (
     ("poolbroker_recalls", "Leases asked back from clients", "recalls"),
     ("poolbroker_expiries", "Leases expired with a client that went silent or died",
      "expired"),
-    ("poolbroker_timeouts", "Lease requests that waited past their deadline", "timeouts"),
+    ("poolbroker_timeouts", "Lease requests that waited until their deadline", "timeouts"),
 )
 
 

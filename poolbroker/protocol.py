@@ -145,6 +145,21 @@ def _uint_list(v: Any) -> bool:
     return isinstance(v, list) and len(v) <= MAX_LIST_ITEMS and all(_uint(x) for x in v)
 
 
+def _seconds(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and v >= 0)
+
+
+def _busy_pairs(v: Any) -> bool:
+    """[[lease id, seconds checked out], ...]"""
+    return (
+        isinstance(v, list)
+        and len(v) <= MAX_LIST_ITEMS
+        and all(isinstance(x, list) and len(x) == 2 and _uint(x[0]) and _seconds(x[1])
+                for x in v)
+    )
+
+
 def _lease_pairs(v: Any) -> bool:
     return (
         isinstance(v, list)
@@ -194,7 +209,11 @@ OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "connected": {"user": _name, "db": _name},
     # ack: False when the client needs no answer unless something is wrong (a
     # client that does not say gets one every time, as before)
-    "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint, "ack": _bool},
+    # busy: the leases whose connections are checked out, and for how long
+    "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint, "ack": _bool,
+                  "busy": _busy_pairs},
+    # leases: also list every lease and waiter (poolbroker clients)
+    "status": {"leases": _bool},
     "release": {"unconfirmed": _bool},
     "grant": {"seq": _uint},  # broker -> client
     "recall": {"contended": _bool},  # broker -> client

@@ -492,7 +492,8 @@ class Broker:
         if op == "heartbeat":
             return ledger.heartbeat(cid, idle=msg["idle"], leases=msg["leases"], now=now,
                                     rid=msg.get("rid"), epoch=msg.get("epoch"),
-                                    seen=msg.get("seen"), ack=msg.get("ack", True))
+                                    seen=msg.get("seen"), ack=msg.get("ack", True),
+                                    busy=msg.get("busy"))
         if op == "hello":
             return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
                                 leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)
@@ -506,7 +507,10 @@ class Broker:
                     f"({where})"))]
             return self._admin(cid, msg, now)
         if op == "status":
-            return [(cid, "status", {"rid": msg["rid"], "data": self.status_data(now)})]
+            data = self.status_data(now)
+            if msg.get("leases"):
+                data["leases"] = ledger.holders(now)
+            return [(cid, "status", {"rid": msg["rid"], "data": data})]
         raise AssertionError(f"op {op!r} validated but not dispatched")
 
     def status_data(self, now: float) -> Dict[str, Any]:

@@ -68,9 +68,15 @@ def test_counters_follow_grants_waits_timeouts_recalls_and_expiries():
     ledger.heartbeat(A, idle={"default": 1}, leases=[first], now=1.0)  # A's is idle: recalled
     outs = ledger.release(A, lease=first, now=1.5)
     assert ops(outs, "grant"), "C is served when A gives its lease back"
+    # a client that gives up at its deadline cancels: a timeout too (whichever
+    # side notices first); a cancel well before the deadline is not
+    ledger.acquire(B, rid=2, pool="default", timeout=1.0, now=1.6)
+    ledger.cancel(B, rid=2, now=2.55)
+    ledger.acquire(B, rid=3, pool="default", timeout=1.0, now=2.6)
+    ledger.cancel(B, rid=3, now=2.7)
     ledger.tick(10.0)  # everyone silent since: C's lease expires
     view = ledger.snapshot(10.0)["pools"]["default"]
-    assert (view["grants"], view["timeouts"], view["recalls"], view["expired"]) == (2, 1, 1, 1)
+    assert (view["grants"], view["timeouts"], view["recalls"], view["expired"]) == (2, 2, 1, 1)
     assert view["wait_count"] == 2 and view["wait_sum"] == pytest.approx(0.5)
     buckets = dict(view["wait_buckets"])
     assert buckets[0.001] == 1 and buckets[0.25] == 1 and buckets[0.5] == 2
@@ -482,3 +488,24 @@ def test_a_routine_heartbeat_is_answered_only_with_news_or_when_asked():
     assert ops(ledger.heartbeat(A, idle={}, leases=[lease], now=3.0, ack=False), "hb") == []
     ledger.tick(3.0 + 3.9)
     assert A in ledger.clients
+
+
+def test_holders_lists_checkouts_longest_first_then_waiters_then_idle():
+    ledger = make({"default": 3})
+    a1, a2 = grant(ledger, A, 1), grant(ledger, A, 2)
+    b1 = grant(ledger, B, 1)
+    assert grant(ledger, C, 1, now=1.0) is None
+    ledger.heartbeat(A, idle={}, leases=[a1, a2], now=2.0, busy=[[a2, 1.5]])
+    ledger.heartbeat(B, idle={}, leases=[b1], now=2.0, busy=[[b1, 0.5], [999, 9.0]])
+    rows = ledger.holders(3.0)
+    assert [(r["lease"], r["state"]) for r in rows] == [
+        (a2, "busy"), (b1, "busy"), (None, "waiting"), (a1, "idle")]
+    assert rows[0]["checked_out_s"] == pytest.approx(2.5)  # out since 0.5
+    assert rows[0]["reported_s"] == pytest.approx(1.0)
+    assert rows[2]["waiting_s"] == pytest.approx(2.0)
+    # a lease given back is no longer anyone's checkout
+    ledger.release(A, lease=a2, now=3.0)
+    assert ledger.clients[A].busy == {}
+    # a heartbeat without busy leases says none is checked out
+    ledger.heartbeat(B, idle={}, leases=[b1], now=4.0)
+    assert [r["state"] for r in ledger.holders(4.0) if r["lease"] == b1] == ["idle"]

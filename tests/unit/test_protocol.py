@@ -133,3 +133,11 @@ def test_optional_fields_are_validated_when_present():
             p.decode(p.encode("connected", lease=1, backend_pid=2, **bad))
     with pytest.raises(p.ProtocolError):
         p.decode(p.encode("heartbeat", idle={}, leases=[], rid=-1))
+
+
+@pytest.mark.parametrize("busy", [[[1, -1.0]], [[1]], [["x", 1.0]], [[1, float("nan")]],
+                                  [[1, True]], "x"])
+def test_a_heartbeat_with_a_malformed_busy_list_is_refused(busy):
+    frame = p.encode("heartbeat", idle={}, leases=[1], busy=busy)
+    with pytest.raises(p.ProtocolError):
+        p.decode(frame)

@@ -321,3 +321,11 @@ def test_heartbeats_ask_for_an_answer_only_after_two_quiet_beats():
     s.on_message({"op": "hb", "unknown": []}, 2.1)
     assert not ack(3.0)
     assert s.quiet_limit() == 4.0  # a live broker answers well within it
+
+
+def test_heartbeats_report_checkouts_only_for_leases_held():
+    s = welcomed(now=0.0, heartbeat=1.0)
+    assert "busy" not in decode([s.heartbeat_frame({}, 1.0, busy={})])[0]
+    s.leases[7] = "default"
+    sent = decode([s.heartbeat_frame({}, 1.0, busy={7: 2.5, 8: 1.0})])[0]
+    assert sent["busy"] == [[7, 2.5]]  # lease 8 is not ours (any more): not reported

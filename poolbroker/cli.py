@@ -360,6 +360,10 @@ def _clients(args: argparse.Namespace) -> int:
     except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
         print(f"poolbroker clients: {exc}", file=sys.stderr)
         return 1
+    if "leases" not in data:
+        print(f"poolbroker clients: the broker at {args.broker} does not list leases (an "
+              "older poolbroker: upgrade it)", file=sys.stderr)
+        return 1
     rows = [r for r in data["leases"] if args.pool is None or r["pool"] == args.pool]
     if args.json:
         print(json.dumps(rows))

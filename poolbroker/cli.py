@@ -314,21 +314,31 @@ def _admin(args: argparse.Namespace) -> int:
         return 2
     try:
         answer = request(where, args.command, args.timeout, **fields)
-    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
+    except _UNREACHABLE as exc:
         print(f"poolbroker {args.command}: {exc}", file=sys.stderr)
         return 1
     print(answer["message"])
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
+# what asking a broker can raise: it does not answer, refuses, or cannot be reached
+_UNREACHABLE = (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint)
+
+
+def _has_broker(args: argparse.Namespace) -> bool:
+    """True if ``--broker`` (or $POOLBROKER_URL) gave an address; else say so."""
     if not args.broker:
-        print("poolbroker status: no address: pass --broker URL or set POOLBROKER_URL",
-              file=sys.stderr)
+        print(f"poolbroker {args.command}: no address: pass --broker URL or set "
+              "POOLBROKER_URL", file=sys.stderr)
+    return bool(args.broker)
+
+
+def _status(args: argparse.Namespace) -> int:
+    if not _has_broker(args):
         return 2
     try:
         data = query_status(args.broker, args.timeout)
-    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
+    except _UNREACHABLE as exc:
         print(f"poolbroker status: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -351,13 +361,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _clients(args: argparse.Namespace) -> int:
-    if not args.broker:
-        print("poolbroker clients: no address: pass --broker URL or set POOLBROKER_URL",
-              file=sys.stderr)
+    if not _has_broker(args):
         return 2
     try:
         data = query_status(args.broker, args.timeout, leases=True)
-    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
+    except _UNREACHABLE as exc:
         print(f"poolbroker clients: {exc}", file=sys.stderr)
         return 1
     if "leases" not in data:
@@ -373,9 +381,7 @@ def _clients(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    if not args.broker:
-        print("poolbroker top: no address: pass --broker URL or set POOLBROKER_URL",
-              file=sys.stderr)
+    if not _has_broker(args):
         return 2
     try:
         from .top import run as run_top
@@ -389,7 +395,7 @@ def _top(args: argparse.Namespace) -> int:
     try:
         return run_top(fetch, args.broker, interval=args.interval, once=args.once,
                        rows=args.rows, pool=args.pool)
-    except (TimeoutError, RuntimeError, zmq.ZMQError, InsecureEndpoint) as exc:
+    except _UNREACHABLE as exc:
         print(f"poolbroker top: {exc}", file=sys.stderr)
         return 1
 

@@ -17,6 +17,10 @@ shell that feeds it frames and timer ticks. This is where every rule lives:
   hysteresis: a client that gives a lease back is never starved by it, so a
   lease does not ping-pong, and when everyone wants at least an equal share
   nothing moves at all;
+* **turns**: with more clients wanting leases than a pool has slots (nobody is
+  starved by the rounding above, yet some hold nothing), a client that has
+  held nothing for ``ROTATE_AFTER`` seconds has the oldest lease recalled for
+  it, and freed slots go to whoever has held nothing the longest;
 * **contention**: while requests wait, clients are told the pool is
   *contended*; they give back connections that stay idle longer than a move
   costs (see ``docs/lease-policy.md``). The flag lingers ``CONTENTION_LINGER``
@@ -61,6 +65,13 @@ CONTENTION_LINGER = 1.0
 #: client gave up at the same deadline (the cancel may arrive before the broker's
 #: own deadline passes).
 TIMEOUT_MARGIN = 0.1
+
+#: With more clients wanting leases than a pool has slots, the slots take turns:
+#: a request whose client holds nothing there and has waited this long (seconds)
+#: has the oldest lease recalled for it, if that lease has been held as long. A
+#: move costs a few milliseconds of slot time, so this costs the pool well under
+#: 1% of its time, and bounds the wait of a client that holds nothing.
+ROTATE_AFTER = 0.5
 
 #: Upper bounds (seconds) of the lease wait histogram's buckets (Prometheus' ``le``).
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -177,6 +188,12 @@ class Pool:
     demand: Dict[ClientId, "Demand"] = field(default_factory=dict)
     # clients last told a recall or contention here: they must hear when it ends
     told: Set[ClientId] = field(default_factory=set)
+    # when a tick should look again whether a waiter's turn has come (more
+    # clients want leases than there are slots); None when nobody takes turns
+    rotate_at: Optional[float] = None
+    # clients waiting here while holding nothing, in the order they got so, with
+    # since when: whose turn comes first when clients take turns
+    empty: "OrderedDict[ClientId, float]" = field(default_factory=OrderedDict)
 
 
 @dataclass
@@ -479,11 +496,11 @@ class Ledger:
             return []  # released twice, or expired meanwhile: nothing to do
         if unconfirmed:
             return self._hold_unconfirmed(client, held, now)
-        self._drop_lease(client, held)
+        self._drop_lease(client, held, now)
         return self._rebalance(held.pool, now)
 
     def _hold_unconfirmed(self, client: Client, lease: Lease, now: float) -> List[Out]:
-        self._orphan(client, lease)
+        self._orphan(client, lease, now)
         if self.fence:
             lease.fencing = True
             self.fencing[lease.id] = lease
@@ -565,7 +582,7 @@ class Ledger:
                             "never arrived: freeing it", _label(client.id), client.pid,
                             lease.id)
                 del client.leases[lease.id]
-                self._drop_lease(client, lease)
+                self._drop_lease(client, lease, now)
                 changed.add(lease.pool)
             elif now - lease.granted_at > 2 * self.heartbeat_interval:
                 log.warning("client %s (pid %s) never received the grant of lease %d: "
@@ -630,6 +647,8 @@ class Ledger:
                             "is assumed to be: slot freed", lease.id, self.unconfirmed_hold)
                 del self.pools[lease.pool].leases[lease.id]
                 touched.add(lease.pool)
+        touched.update(name for name, pool in self.pools.items()
+                       if pool.rotate_at is not None and now >= pool.rotate_at)
         for name in touched:
             outs += self._rebalance(name, now)
         return outs + self._settle(now)
@@ -640,6 +659,7 @@ class Ledger:
         times = [top] if top is not None else []
         times += [pool.quiet_since + CONTENTION_LINGER for pool in self.pools.values()
                   if pool.contended and pool.quiet_since is not None]
+        times += [pool.rotate_at for pool in self.pools.values() if pool.rotate_at is not None]
         if self._in_grace and not self._sweeping:
             times.append(self.grace_until)
         return min(times) if times else None
@@ -692,13 +712,19 @@ class Ledger:
 
     # ------------------------------------------------------------------ counts
 
-    def _count(self, pool: Pool, cid: ClientId, held: int = 0, waiting: int = 0) -> None:
-        """Bring ``cid``'s demand in ``pool`` up to date after a change."""
+    def _count(self, pool: Pool, cid: ClientId, held: int = 0, waiting: int = 0,
+               now: float = 0.0) -> None:
+        """Bring ``cid``'s demand in ``pool`` up to date after a change (``now``
+        matters when the change may leave it waiting with nothing held)."""
         d = pool.demand.get(cid)
         if d is None:
             d = Demand()
         d.held += held
         d.waiting += waiting
+        if d.held == 0 and d.waiting:
+            pool.empty.setdefault(cid, now)
+        else:
+            pool.empty.pop(cid, None)
         if d.held == 0 and d.waiting == 0:
             pool.demand.pop(cid, None)
             return
@@ -715,7 +741,7 @@ class Ledger:
         pool = self.pools[waiter.pool]
         pool.queue[(client.id, waiter.rid)] = waiter
         self.waiting += 1
-        self._count(pool, client.id, waiting=1)
+        self._count(pool, client.id, waiting=1, now=waiter.since)
         self._schedule(waiter.deadline, _WAITER, (client.id, waiter.rid))
 
     def _dequeue(self, client: Client, waiter: Waiter) -> None:
@@ -780,18 +806,18 @@ class Ledger:
 
     # ------------------------------------------------------------------ rules
 
-    def _drop_lease(self, client: Client, lease: Lease) -> None:
+    def _drop_lease(self, client: Client, lease: Lease, now: float) -> None:
         del self.pools[lease.pool].leases[lease.id]
-        self._orphan(client, lease)
+        self._orphan(client, lease, now)
 
-    def _orphan(self, client: Client, lease: Lease) -> None:
+    def _orphan(self, client: Client, lease: Lease, now: float) -> None:
         """Detach ``lease`` (already out of ``client.leases``) from its client."""
         client.busy.pop(lease.id, None)
         if lease.rid is not None:
             client.granted.pop(lease.rid, None)
         if client.recall.get(lease.pool):
             client.recall[lease.pool] -= 1
-        self._count(self.pools[lease.pool], client.id, held=-1)
+        self._count(self.pools[lease.pool], client.id, held=-1, now=now)
 
     @staticmethod
     def _fence_entry(lease: Lease) -> List[Any]:
@@ -840,11 +866,11 @@ class Ledger:
                 lease.fencing = True
                 self.fencing[lease.id] = lease
                 to_fence.append(self._fence_entry(lease))
-                self._orphan(client, lease)
+                self._orphan(client, lease, now)
             client.leases.clear()
             outs.append((b"", "fence", {"leases": to_fence}))  # for the server's fencer
         for lease in list(client.leases.values()):
-            self._drop_lease(client, lease)
+            self._drop_lease(client, lease, now)
         client.leases.clear()
         for waiter in list(client.waiting.values()):
             self._dequeue(client, waiter)
@@ -875,7 +901,7 @@ class Ledger:
             pool.contended, pool.quiet_since = True, None
         elif pool.contended and pool.quiet_since is None:
             pool.quiet_since = now
-        wanted = self._recall_targets(pool)
+        wanted = self._recall_targets(pool, now)
         contended = pool.contended
         if not (wanted or contended or pool.told):
             return outs  # nobody is owed a lease, nobody was told otherwise
@@ -925,9 +951,14 @@ class Ledger:
         """The oldest waiter whose client is starved (holds less than its
         entitlement rounded down), else the oldest whose client holds less than
         its entitlement rounded up, else the oldest (so a slot freed in a
-        balanced pool stays where it keeps the balance, and moves nothing)."""
+        balanced pool stays where it keeps the balance, and moves nothing).
+        With fewer slots than clients (they take turns), the client that has
+        held nothing the longest goes first, however old another's requests."""
         demands = pool.demand
         level = water_level([d.want for d in demands.values()], pool.max)
+        if level < 1 and pool.empty:
+            first = self.clients[next(iter(pool.empty))]
+            return next(w for w in first.waiting.values() if w.pool == pool.name)
         below_ceiling = None
         for waiter in pool.queue.values():
             d = demands[waiter.client]
@@ -938,7 +969,7 @@ class Ledger:
                 below_ceiling = waiter
         return below_ceiling or next(iter(pool.queue.values()))
 
-    def _recall_targets(self, pool: Pool) -> Dict[ClientId, int]:
+    def _recall_targets(self, pool: Pool, now: float) -> Dict[ClientId, int]:
         """How many leases to ask back from each client, so that starved waiters
         (clients below their entitlement rounded down) get theirs.
 
@@ -950,7 +981,12 @@ class Ledger:
         gives a lease back is not starved by it (no ping-pong), and when every
         client wants at least an equal share nothing is recalled at all. A pool
         over its max (the budget shrank) recalls the excess the same way.
+
+        With more clients wanting leases than the pool has slots, everyone's
+        entitlement rounded down is 0 and nobody above is over; the slots then
+        take turns (:meth:`_rotation`).
         """
+        pool.rotate_at = None
         if pool.draining:  # everything back: idle at once, busy ones when returned
             return {cid: d.held for cid, d in pool.demand.items() if d.held}
         excess = len(pool.leases) - pool.max
@@ -1000,7 +1036,38 @@ class Ledger:
                 if need <= 0:
                     break
                 need = take(cid, surplus, need)
+        if level < 1 and not (pool.paused or self._in_grace):
+            self._rotation(pool, now, targets, sum(targets.values()) - own)
         return targets
+
+    def _rotation(self, pool: Pool, now: float, targets: Dict[ClientId, int],
+                  asked: int) -> None:
+        """Turns, for a pool with fewer slots than clients that want one: every
+        client that has held nothing there while waiting for ``ROTATE_AFTER``
+        seconds (the longest first, however old its requests) gets the oldest
+        lease that has been held at least as long (its holder
+        returns it when its connection next comes back), on top of the
+        ``asked`` leases already recalled. Adds to ``targets``; sets when a
+        tick should look again."""
+        turns, soonest = 0, math.inf
+        for since in pool.empty.values():  # the longest without a lease first
+            if since + ROTATE_AFTER > now:
+                soonest = since + ROTATE_AFTER
+                break  # later ones waited even less
+            turns += 1
+        turns -= asked
+        for lease in pool.leases.values():  # in grant order: the oldest first
+            if turns <= 0:
+                break
+            if not lease.owned or targets.get(lease.client, 0) >= pool.demand[lease.client].held:
+                continue
+            if lease.granted_at + ROTATE_AFTER > now:
+                soonest = min(soonest, lease.granted_at + ROTATE_AFTER)
+                continue
+            targets[lease.client] = targets.get(lease.client, 0) + 1
+            turns -= 1
+        if pool.empty:  # somebody takes turns: look again when the next turn may come
+            pool.rotate_at = soonest if soonest < math.inf else now + ROTATE_AFTER
 
     # ------------------------------------------------------------------ views
 
@@ -1115,6 +1182,8 @@ class Ledger:
             for cid, d in scratch.items():
                 d.idle = min(d.held, self.clients[cid].idle.get(pool.name, 0))
             assert pool.demand == scratch, (pool.name, pool.demand, scratch)
+            assert set(pool.empty) == {cid for cid, d in scratch.items()
+                                       if d.waiting and not d.held}, (pool.name, pool.empty)
             assert pool.told <= set(self.clients)
         # every live timer is in the heap
         pending = {(kind, key) for _, _, kind, key in self._timers}

@@ -203,6 +203,32 @@ def test_fair_share_a_busy_process_does_not_starve_a_light_one(pg, broker_factor
     assert sampler.max[tag] <= 3
 
 
+def test_more_processes_than_slots_take_turns(pg, broker_factory):
+    """Two processes loop over transactions on a budget of 2, each holding its one
+    lease all the time; two more arrive. Nobody is over its share (0.5 each), so
+    only taking turns gets the latecomers a slot before their 3 s timeout, while
+    the first two still run (about 8 s of work each)."""
+    broker = broker_factory({"default": 2})
+    tag = new_tag()
+    with Sampler(pg.dsn, [tag]) as sampler:
+        hogs = [Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                            threads=1, iterations=400, sleep=0.02, timeout=60))
+                for _ in range(2)]
+        assert broker.wait_leased(2, 10) == 2
+        late = [Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                            threads=1, iterations=20, sleep=0.005, timeout=3))
+                for _ in range(2)]
+        late_results = [w.result() for w in late]
+        still_at_work = broker.status()["pools"]["default"]["clients"]
+        hog_results = [w.result() for w in hogs]
+    for result in late_results:
+        assert result["ok"] == 20 and result["timeouts"] == 0, result
+    assert still_at_work == 2  # the hogs were busy all along
+    for result in hog_results:
+        assert result["ok"] == 400 and result["timeouts"] == 0, result
+    assert sampler.max[tag] <= 2
+
+
 def test_pool_timeout_is_a_psycopg2_pool_error(pg, broker):
     import psycopg2.pool
 

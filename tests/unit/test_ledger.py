@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from poolbroker import protocol as p
 from poolbroker.leaseids import LeaseIds
-from poolbroker.ledger import Ledger
+from poolbroker.ledger import ROTATE_AFTER, Ledger
 
 KEY = b"k" * 32  # the key a previous run of the broker left in its state file
 
@@ -118,6 +118,10 @@ def test_waiter_times_out_and_is_never_granted_afterwards():
     ledger = make({"default": 1})
     lease = grant(ledger, A, 1)
     assert grant(ledger, B, 1, timeout=2.0) is None
+    # B's turn comes at ROTATE_AFTER (A is asked for its lease, but keeps it)
+    assert ledger.next_deadline() == ROTATE_AFTER
+    while ledger.next_deadline() < 2.0:
+        ledger.tick(ledger.next_deadline())
     assert ledger.next_deadline() == 2.0
     outs = ledger.tick(2.0)
     assert ops(outs, "error")[0][1]["code"] == p.E_TIMEOUT

@@ -129,7 +129,8 @@ class LeaseClient:
         self.url = url
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._session = LeaseSession(os.getpid(), socket.gethostname(), application_name())
+        self._session = LeaseSession(os.getpid(), socket.gethostname(), application_name(),
+                                     os.getppid())
         self._outbox: List[bytes] = []
         self._callbacks: Dict[int, LeaseRequest] = {}  # rid -> its request
         self._pools: "weakref.WeakSet[LeaseOwner]" = weakref.WeakSet()

@@ -78,8 +78,9 @@ class LeaseSession:
     """The state of one process's session with one broker. Not thread-safe: the
     shell calls it under its own lock."""
 
-    def __init__(self, pid: int, host: str, name: str) -> None:
+    def __init__(self, pid: int, host: str, name: str, ppid: int = 0) -> None:
         self.pid, self.host, self.name = pid, host, name
+        self.ppid = ppid  # the parent that may report this process exited
         self._rids = itertools.count(1)
         self.requests: Dict[int, _Request] = {}  # outstanding, not cancelled
         self.leases: Dict[int, str] = {}  # lease id -> pool
@@ -115,7 +116,7 @@ class LeaseSession:
             del self.leases[lease]
             self.lost.add(lease)
         return p.encode("hello", pid=self.pid, host=self.host, name=self.name,
-                        leases=announced)
+                        leases=announced, ppid=self.ppid)
 
     def acquire(self, pool: str, timeout: float, now: float) -> Tuple[int, bytes]:
         """A new request: its id and the frame to send."""

@@ -117,6 +117,7 @@ class Waiter:
 class Client:
     id: ClientId
     pid: int = 0
+    ppid: int = 0  # its parent's pid, as it said: the one process that may report it exited
     host: str = ""
     name: str = ""
     last_seen: float = 0.0
@@ -346,6 +347,7 @@ class Ledger:
         name: str = "",
         leases: List[Tuple[int, str]] = (),  # type: ignore[assignment]
         now: float,
+        ppid: int = 0,
     ) -> List[Out]:
         """A client (re)introduces itself, listing the leases it holds (after a
         broker restart, or after it was expired while frozen).
@@ -370,6 +372,7 @@ class Ledger:
             log.info("client %s joined (pid %s on %s%s)", _label(cid), pid, p.shown(host),
                      f", {p.shown(name)}" if name else "")
         client.pid, client.host, client.name, client.last_seen = pid, host, name, now
+        client.ppid = ppid
         if not client.timer:
             self._schedule_client(client)
         rejected: List[int] = []
@@ -602,6 +605,49 @@ class Ledger:
         log.info("client %s (pid %s) said bye, returning %d lease(s)",
                  _label(cid), client.pid, len(client.leases))
         return self._forget(client, now)
+
+    def exited(self, cid: ClientId, *, rid: int, pid: int, host: str, parent: int,
+               now: float) -> List[Out]:
+        """A parent reports that its child ``pid`` on ``host`` has exited (a gunicorn
+        master, after reaping a worker that was killed or timed out). Only a
+        client that named ``parent`` as its parent in its hello is affected.
+
+        With fencing, its leases are fenced at once: their backends are ended
+        if still there, and each slot is free once its backend has left
+        ``pg_stat_activity``, well before the TTL. Without fencing the broker
+        cannot see the server (a backend may still be running the dead
+        process's last query), so the leases stay counted until the TTL as
+        before; its queued requests go either way."""
+        dead = [c for c in self.clients.values()
+                if c.pid == pid and c.host == host and parent and c.ppid == parent]
+        if not dead:
+            return [(cid, "done", {"rid": rid, "message": (
+                f"no client pid {pid} on {p.shown(host)} with parent {parent} "
+                "(it said bye, or never connected)")})]
+        outs: List[Out] = []
+        leases = sum(len(c.leases) for c in dead)
+        for client in dead:
+            if self.fence:
+                log.warning("client %s (pid %s on %s) exited, reported by its parent %s: "
+                            "fencing %d lease(s) now", _label(client.id), pid,
+                            p.shown(host), parent, len(client.leases))
+                outs += self._forget(client, now, expired=True)
+                continue
+            log.warning("client %s (pid %s on %s) exited, reported by its parent %s: its "
+                        "%d lease(s) stay counted until the TTL (no fencing: the broker "
+                        "cannot see whether their backends are gone)", _label(client.id),
+                        pid, p.shown(host), parent, len(client.leases))
+            pools = {w.pool for w in client.waiting.values()}
+            for waiter in list(client.waiting.values()):
+                self._dequeue(client, waiter)
+            for name in pools:
+                outs += self._rebalance(name, now)
+        if self.fence:
+            text = f"pid {pid} on {p.shown(host)}: fencing {leases} lease(s)"
+        else:
+            text = (f"pid {pid} on {p.shown(host)}: {leases} lease(s) stay counted until the "
+                    f"TTL ({self.ttl:g}s): the broker has no fencing")
+        return outs + [(cid, "done", {"rid": rid, "message": text})]
 
     def tick(self, now: float) -> List[Out]:
         """Expire what is due: waiters past their deadline, clients past the TTL;

@@ -197,6 +197,9 @@ CLIENT_OPS: dict[str, dict[str, Any]] = {
     "heartbeat": {"idle": _idle_map, "leases": _uint_list},
     "bye": {},
     "status": {"rid": _uint},
+    # a parent (a gunicorn master) reports that its child ``pid`` on ``host`` has
+    # exited: its leases are fenced at once instead of after the TTL
+    "exited": {"rid": _uint, "pid": _uint, "host": _text, "parent": _uint},
     # administration (poolbroker resize / drain / pause / resume)
     "resize": {"rid": _uint, "pool": _name, "max": _uint},
     "drain": {"rid": _uint, "pool": _name},
@@ -207,6 +210,7 @@ CLIENT_OPS: dict[str, dict[str, Any]] = {
 # op -> {field: validator} for optional fields: checked when present.
 OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "connected": {"user": _name, "db": _name},
+    "hello": {"ppid": _uint},  # its parent's pid: who may report it exited
     # ack: False when the client needs no answer unless something is wrong (a
     # client that does not say gets one every time, as before)
     # busy: the leases whose connections are checked out, and for how long

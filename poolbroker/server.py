@@ -496,7 +496,11 @@ class Broker:
                                     busy=msg.get("busy"))
         if op == "hello":
             return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
-                                leases=[(lid, pool) for lid, pool in msg["leases"]], now=now)
+                                leases=[(lid, pool) for lid, pool in msg["leases"]], now=now,
+                                ppid=msg.get("ppid", 0))
+        if op == "exited":
+            return ledger.exited(cid, rid=msg["rid"], pid=msg["pid"], host=msg["host"],
+                                 parent=msg["parent"], now=now)
         if op == "bye":
             return ledger.bye(cid, now=now)
         if op in ("resize", "drain", "pause", "resume"):

@@ -64,7 +64,8 @@ def frames(draw):
         fields = {
             "hello": {"pid": 1, "host": "h", "name": "", "leases": draw(st.lists(
                 st.tuples(st.integers(0, 40), st.sampled_from(["default", "x"])).map(list),
-                max_size=3))},
+                max_size=3)), "ppid": draw(st.sampled_from([0, 2]))},
+            "exited": {"rid": 1, "pid": 1, "host": "h", "parent": draw(st.sampled_from([0, 2]))},
             "acquire": {"rid": draw(st.integers(0, 20)), "pool": draw(
                 st.sampled_from(["default", "other", "nope"])), "timeout": draw(
                 st.floats(0, 5))},

@@ -513,3 +513,39 @@ def test_holders_lists_checkouts_longest_first_then_waiters_then_idle():
     # a heartbeat without busy leases says none is checked out
     ledger.heartbeat(B, idle={}, leases=[b1], now=4.0)
     assert [r["state"] for r in ledger.holders(4.0) if r["lease"] == b1] == ["idle"]
+
+
+def test_an_exit_reported_by_the_parent_fences_the_leases_at_once():
+    ledger = Ledger({"default": 1}, ttl=30.0, fence=True, fence_tag="/pbx:")
+    ledger.hello(A, pid=10, host="h", now=0, ppid=7)
+    ledger.hello(B, pid=11, host="h", now=0, ppid=7)
+    master = b"master"
+    lease = grant(ledger, A, 1, now=0)
+    ledger.connected(A, lease=lease, backend_pid=4242, now=0, user="app", db="shop")
+    assert grant(ledger, B, 1, now=0, timeout=60) is None
+    # only the parent it named may report it: another pid, another host do nothing
+    for parent, host in ((8, "h"), (7, "elsewhere")):
+        outs = ledger.exited(master, rid=1, pid=10, host=host, parent=parent, now=1)
+        assert ops(outs, "done")[0][1]["message"].startswith("no client")
+        assert ops(outs, "fence") == [] and A in ledger.clients
+    outs = ledger.exited(master, rid=2, pid=10, host="h", parent=7, now=1)
+    assert [f for _, f in ops(outs, "fence")] == [
+        {"leases": [[lease, 4242, "default", "app", "shop"]]}]
+    [(to, done)] = ops(outs, "done")
+    assert to == master and done["message"].endswith("fencing 1 lease(s)")
+    assert ops(outs, "grant") == [] and A not in ledger.clients  # not before it is fenced
+    outs = ledger.fenced([lease], now=1.2)
+    assert [cid for cid, _ in ops(outs, "grant")] == [B]
+    ledger.check()
+
+
+def test_without_fencing_an_exit_report_drops_the_requests_and_leaves_the_leases():
+    ledger = Ledger({"default": 1}, ttl=30.0)
+    ledger.hello(A, pid=10, host="h", now=0, ppid=7)
+    lease = grant(ledger, A, 1, now=0)
+    assert grant(ledger, A, 2, now=0, timeout=60) is None  # A waits for a second one
+    outs = ledger.exited(b"master", rid=1, pid=10, host="h", parent=7, now=1)
+    assert "stay counted until the TTL" in ops(outs, "done")[0][1]["message"]
+    assert ledger.clients[A].leases.keys() == {lease} and not ledger.clients[A].waiting
+    assert ledger.snapshot(1)["pools"]["default"]["waiting"] == 0
+    ledger.check()

@@ -10,7 +10,7 @@ from poolbroker import protocol as p
 
 def test_round_trip_every_client_op():
     samples = {
-        "hello": dict(pid=1, host="h", name="", leases=[[5, "default"]]),
+        "hello": dict(pid=1, host="h", name="", leases=[[5, "default"]], ppid=7),
         "acquire": dict(rid=1, pool="default", timeout=2.5),
         "cancel": dict(rid=1),
         "release": dict(lease=9),
@@ -18,6 +18,7 @@ def test_round_trip_every_client_op():
         "heartbeat": dict(idle={"default": 2}, leases=[9]),
         "bye": {},
         "status": dict(rid=3),
+        "exited": dict(rid=8, pid=10, host="h", parent=7),
         "resize": dict(rid=4, pool="default", max=3),
         "drain": dict(rid=5, pool="default"),
         "pause": dict(rid=6, pool="default"),

@@ -4,6 +4,9 @@
   a multiprocessing finalizer instead) every pool closes and every lease client
   says bye, so the broker frees this process's slots at once rather than after
   its TTL;
+* a multiprocessing child stopped with SIGTERM (``Pool.terminate()``, which is what
+  ``with multiprocessing.Pool()`` does on exit) does the same before it dies, if
+  nobody else handles SIGTERM there;
 * after ``fork()`` the child drops the parent's lease clients (their socket and
   thread are the parent's) and every pool forgets the connections it inherited
   without closing them (that would end the parent's sessions).
@@ -17,6 +20,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
+import threading
 import weakref
 from typing import Any, List, Protocol
 
@@ -70,8 +75,35 @@ def on_first_start() -> None:
 
         if multiprocessing.parent_process() is not None:
             multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
+            _shutdown_on_sigterm()
     except Exception:
         pass
+
+
+#: Seconds a SIGTERMed multiprocessing child spends giving its leases back before
+#: it dies anyway (then they come back at the TTL).
+TERMINATE_GRACE = 2.0
+
+
+def _shutdown_on_sigterm() -> None:
+    """In a multiprocessing child: SIGTERM (``Pool.terminate()``) kills without
+    finalizers, so give the leases back first, then die of SIGTERM as before.
+    Only where SIGTERM has its default action (the application's own handler
+    wins) and from the main thread (the only one that may set handlers)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return
+
+    def terminated(signum: int, _frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        # in another thread, with a deadline: the main thread may have been
+        # interrupted holding a pool's lock, and shutdown would wait for it forever
+        closer = threading.Thread(target=shutdown, name="poolbroker-sigterm", daemon=True)
+        closer.start()
+        closer.join(TERMINATE_GRACE)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def shutdown() -> None:

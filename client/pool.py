@@ -14,9 +14,10 @@ import psycopg2.extensions
 
 from .connectors import Psycopg2Connector
 from .core import PoolCore
+from .pickling import Configured
 
 
-class ConnectionPool(PoolCore[psycopg2.extensions.connection]):
+class ConnectionPool(Configured, PoolCore[psycopg2.extensions.connection]):
     """A pool of psycopg2 connections inside the broker's budget.
 
     :param conninfo: libpq connection string (or URL) for ``psycopg2.connect``.

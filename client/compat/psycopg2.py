@@ -32,6 +32,7 @@ import threading
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 from ..errors import PoolError, PoolTimeout
+from ..pickling import Configured
 from ..pool import ConnectionPool
 
 __all__ = ["AbstractConnectionPool", "PoolError", "PoolTimeout", "SimpleConnectionPool",
@@ -58,7 +59,7 @@ def split_connect_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]
     return dsn, kwargs, options
 
 
-class AbstractConnectionPool:
+class AbstractConnectionPool(Configured):
     """Base class, like ``psycopg2.pool.AbstractConnectionPool``."""
 
     def __init__(self, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> None:

@@ -44,6 +44,7 @@ from psycopg2 import extensions as _ext
 
 from ..core import Retire
 from ..errors import PoolError, PoolTimeout
+from ..pickling import Configured
 from ..pool import ConnectionPool as _LeasedPool
 from .psycopg2 import POOL_KEYWORDS
 
@@ -51,7 +52,7 @@ __all__ = ["ConnectionPool", "PoolError", "PoolTimeout", "ThreadSafeConnectionPo
            "ThreadedConnectionPool"]
 
 
-class ConnectionPool:
+class ConnectionPool(Configured):
     """A pool of psycopg2 connections, like ``psycopg2_pool.ConnectionPool``.
 
     :param minconn: connections opened at once and kept open.

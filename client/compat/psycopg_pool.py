@@ -68,6 +68,7 @@ import psycopg
 from .. import errors
 from ..connectors import AsyncPsycopgConnector, PsycopgConnector, Status
 from ..core import PoolCore, Retire, Waiter
+from ..pickling import Configured
 
 __all__ = ["AsyncConnectionPool", "AsyncNullConnectionPool", "ConnectionPool",
            "NullConnectionPool", "PoolClosed", "PoolTimeout", "TooManyRequests"]
@@ -108,7 +109,7 @@ def _translated(exc: BaseException) -> BaseException:
     return exc
 
 
-class _Base:
+class _Base(Configured):
     """What the sync and async pools share: arguments, sizes, stats, names."""
 
     _null = False

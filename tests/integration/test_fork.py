@@ -18,21 +18,28 @@ def test_os_fork_child_gets_fresh_pool_and_parent_sessions_survive(pg, broker_fa
     assert broker.wait_leased(0, 2) == 0
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn", "forkserver"])
 @pytest.mark.parametrize("ending", ["close", "terminate"])
-def test_multiprocessing_fork_children_share_the_budget(pg, broker_factory, ending):
-    broker = broker_factory({"default": 3})
+def test_multiprocessing_children_share_the_budget(pg, broker_factory, start, ending):
+    """With each start method, the pool reaches the children (inherited with fork,
+    pickled as its configuration with spawn and forkserver, through the initializer
+    and with every task), they stay within the budget, and their leases come back
+    at once however the pool ends: close() (children exit normally) or terminate()
+    (SIGTERM, what `with multiprocessing.Pool()` does), not after the TTL (10 s)."""
+    broker = broker_factory({"default": 3}, ttl=10.0)
     tag = new_tag()
     with Sampler(pg.dsn, [tag]) as sampler:
         result = Worker(dict(mode="mp", dsn=tagged(pg.dsn, tag), broker=broker.url,
-                             procs=4, tasks=40, terminate=ending == "terminate")).result()
+                             procs=4, tasks=40, start=start,
+                             terminate=ending == "terminate")).result()
+        # the worker prints its result once the children are gone
+        assert broker.wait_leased(1, 1.0) <= 1, broker.status()  # the parent's own
     assert result["after"] == result["parent_pid"], "the parent's session was disturbed"
     assert result["parent_pid"] not in result["child_pids"]
+    assert result["pools_per_child"] and set(result["pools_per_child"]) == {1}, result
+    assert result["task_pool_is_initializer_pool"], result
     assert sampler.max[tag] <= 3, sampler.max
-    # Children that exit normally end with os._exit, which skips atexit; a
-    # multiprocessing finalizer gives their leases back at once. Children killed
-    # by Pool.terminate() (SIGTERM) lose theirs when the TTL runs out.
-    within = 1.0 if ending == "close" else 5.0
-    assert broker.wait_leased(0, within) == 0
+    assert broker.wait_leased(0, 5.0) == 0
 
 
 def test_subprocess_with_preexec_fn_while_a_pool_keeps_min_size(pg, broker_factory):

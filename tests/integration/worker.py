@@ -121,23 +121,40 @@ def _mp_child(_):
             return cur.fetchone()[0]
 
 
+def _mp_with_pool(pool):
+    """A task given the pool as its argument (pickled with each task)."""
+    import os
+
+    with pool.connection(timeout=30) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    return [os.getpid(), id(pool), pool is _MP_POOL]
+
+
+def _mp_init(pool):
+    global _MP_POOL
+    _MP_POOL = pool
+
+
 _MP_POOL = None
 
 
 def mp(cfg, pool):
+    """multiprocessing.Pool with the ``start`` method (fork, spawn, forkserver): the
+    pool reaches the children through the initializer (pickled, but for fork) and
+    as each task's argument; ``terminate`` ends them as ``with Pool()`` does."""
     import multiprocessing
 
-    global _MP_POOL
-    _MP_POOL = pool
-    # the parent holds a connection across the fork: children must not inherit it
+    # the parent holds a connection across the start: children must not inherit it
     conn = pool.getconn()
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
         parent_pid = cur.fetchone()[0]
     conn.commit()
-    ctx = multiprocessing.get_context("fork")
-    mpool = ctx.Pool(cfg.get("procs", 4))
+    ctx = multiprocessing.get_context(cfg.get("start", "fork"))
+    mpool = ctx.Pool(cfg.get("procs", 4), initializer=_mp_init, initargs=(pool,))
     child_pids = mpool.map(_mp_child, range(cfg.get("tasks", 20)))
+    passed = mpool.map(_mp_with_pool, [pool] * cfg.get("tasks", 20))
     if cfg.get("terminate"):
         mpool.terminate()  # SIGTERM: what `with Pool()` does on exit
     else:
@@ -148,7 +165,12 @@ def mp(cfg, pool):
         after = cur.fetchone()[0]
     conn.commit()
     pool.putconn(conn)
-    return {"parent_pid": parent_pid, "after": after, "child_pids": sorted(set(child_pids))}
+    pools_per_child = {}
+    for pid, pool_id, same in passed:
+        pools_per_child.setdefault(pid, set()).add((pool_id, same))
+    return {"parent_pid": parent_pid, "after": after, "child_pids": sorted(set(child_pids)),
+            "pools_per_child": sorted(len(v) for v in pools_per_child.values()),
+            "task_pool_is_initializer_pool": all(same for _, _, same in passed)}
 
 
 def fork(cfg, pool):

@@ -19,8 +19,8 @@ import psycopg2
 from devtools.sampler import Sampler
 from poolbroker.cli import query_status
 
-__all__ = ["HERE", "BrokerHandle", "Sampler", "Worker", "count_backends", "new_tag",
-           "short_ipc", "tagged"]
+__all__ = ["HERE", "BrokerHandle", "Sampler", "Worker", "count_backends", "http_get",
+           "new_tag", "short_ipc", "start_gunicorn", "tagged"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "integration", "worker.py")
@@ -139,3 +139,35 @@ class Worker:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.proc.send_signal(sig)
         self.proc.wait(10)
+
+
+def http_get(url: str) -> dict:
+    """GET a JSON answer (status 200 required)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())
+
+
+def start_gunicorn(env: dict, app: str, *args: str) -> "tuple[subprocess.Popen, str]":
+    """gunicorn with poolbroker's config module serving ``app`` on a free port, once
+    it answers (``PYTHONPATH`` in ``env`` must reach the app)."""
+    from devtools.pgcluster import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:poolbroker_client.gunicorn",
+         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", *args, app],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 30
+    while True:  # wait until it serves (a poll with a deadline)
+        try:
+            http_get(url)
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError(proc.communicate()[0][-3000:]) from None
+            time.sleep(0.1)

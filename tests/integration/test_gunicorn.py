@@ -1,7 +1,6 @@
 """A preloaded gunicorn app (4 workers x 4 threads) under a budget of 3 serves a
 few hundred concurrent requests; the server never sees more than 3 connections."""
 
-import json
 import os
 import signal
 import subprocess
@@ -16,15 +15,9 @@ import pytest
 from devtools.pgcluster import free_port
 from poolbroker_client import ConnectionPool, PoolTimeout
 
-from helpers import HERE, Sampler, count_backends, new_tag, tagged
+from helpers import HERE, Sampler, count_backends, http_get, new_tag, start_gunicorn, tagged
 
 pytestmark = pytest.mark.integration
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=60) as resp:
-        assert resp.status == 200
-        return json.loads(resp.read())
 
 
 def test_preloaded_gunicorn_fleet_under_budget(pg, broker_factory):
@@ -42,7 +35,7 @@ def test_preloaded_gunicorn_fleet_under_budget(pg, broker_factory):
         deadline = time.monotonic() + 30
         while True:  # wait until it serves (a poll with a deadline)
             try:
-                _get(url)
+                http_get(url)
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
@@ -50,7 +43,7 @@ def test_preloaded_gunicorn_fleet_under_budget(pg, broker_factory):
                 time.sleep(0.1)
         with Sampler(pg.dsn, [tag]) as sampler:
             with ThreadPoolExecutor(64) as ex:
-                results = list(ex.map(_get, [url] * 400))
+                results = list(ex.map(http_get, [url] * 400))
         assert len(results) == 400
         assert len({r["worker"] for r in results}) >= 2, "requests should spread over workers"
         assert sampler.max[tag] <= 3, f"server saw {sampler.max[tag]} connections, budget 3"
@@ -63,25 +56,6 @@ def test_preloaded_gunicorn_fleet_under_budget(pg, broker_factory):
     assert broker.wait_leased(0, 1.0) == 0, broker.status()
 
 
-def _start_gunicorn(env: dict, *args: str) -> "tuple[subprocess.Popen, str]":
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:poolbroker_client.gunicorn",
-         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", *args, "gunicorn_app:app"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 30
-    while True:  # wait until it serves (a poll with a deadline)
-        try:
-            _get(url)
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise AssertionError(proc.communicate()[0][-3000:]) from None
-            time.sleep(0.1)
-
-
 def _kill_worker_mid_query(pg, broker, tmp, tag):
     """gunicorn (2 workers) under a budget of 2; one worker is SIGKILLed in the middle
     of a query while this process asks for both slots. Returns how long the second
@@ -90,7 +64,7 @@ def _kill_worker_mid_query(pg, broker, tmp, tag):
     path = os.pathsep.join([os.path.dirname(HERE), os.path.join(HERE, "integration")])
     env = {**os.environ, "PB_DSN": tagged(pg.dsn, tag), "POOLBROKER_URL": broker.url,
            "PB_PID_FILE": pid_file, "PYTHONPATH": path}
-    proc, url = _start_gunicorn(env, "-w", "2")
+    proc, url = start_gunicorn(env, "gunicorn_app:app", "-w", "2")
     try:
         with Sampler(pg.dsn, [tag]) as sampler:
             sleeper = ThreadPoolExecutor(1)

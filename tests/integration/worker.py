@@ -10,6 +10,7 @@ Modes:
   preexec  subprocesses with preexec_fn while a min_size pool is open
   chaos  transactions until a deadline, outcomes recorded line by line
   aload  like load, with asyncio tasks on the psycopg_pool drop-in's AsyncConnectionPool
+  sqlalchemy  like load, through poolbroker_client.sqlalchemy (Core and ORM)
 Prints ``RESULT <json>`` at the end.
 """
 
@@ -111,6 +112,56 @@ def idle(cfg, pool):
     print("IDLE", flush=True)
     sys.stdin.read()
     return pool.get_stats()
+
+
+def sqlalchemy_load(cfg, _pool):
+    """Like load, through an engine from poolbroker_client.sqlalchemy (URL ``sa_url``):
+    Core in half the threads, an ORM session in the other half."""
+    from sqlalchemy import Column, Integer, text
+    from sqlalchemy.orm import Session, declarative_base
+
+    from poolbroker_client.sqlalchemy import create_engine, leased_pool
+
+    Base = declarative_base()
+
+    class Item(Base):
+        __tablename__ = cfg["table"]
+        id = Column(Integer, primary_key=True)
+        worker = Column(Integer)
+
+    engine = create_engine(cfg["sa_url"], broker=cfg["broker"], timeout=cfg.get("timeout", 30))
+    counts = {"ok": 0, "errors": 0}
+    lock = threading.Lock()
+    errors = []
+
+    def run(orm):
+        import os
+
+        for _ in range(cfg.get("iterations", 10)):
+            try:
+                if orm:
+                    with Session(engine) as session, session.begin():
+                        session.add(Item(worker=os.getpid()))
+                else:
+                    with engine.begin() as conn:
+                        conn.execute(text("SELECT pg_sleep(:s)"), {"s": cfg.get("sleep", 0.005)})
+                key = "ok"
+            except Exception as exc:  # reported, never swallowed
+                key = "errors"
+                errors.append(repr(exc))
+            with lock:
+                counts[key] += 1
+
+    threads = [threading.Thread(target=run, args=(i % 2 == 1,))
+               for i in range(cfg.get("threads", 4))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts["error_samples"] = errors[:5]
+    counts["stats"] = leased_pool(engine).get_stats()
+    engine.dispose()
+    return counts
 
 
 def _mp_child(_):
@@ -275,7 +326,8 @@ def main():
                           min_size=cfg.get("min_size", 0), max_size=cfg.get("max_size"),
                           timeout=cfg.get("timeout", 30), name=cfg.get("name"))
     mode = {"load": load, "hold": hold, "mp": mp, "fork": fork, "idle": idle,
-            "preexec": preexec, "chaos": chaos, "aload": aload}[cfg["mode"]]
+            "preexec": preexec, "chaos": chaos, "aload": aload,
+            "sqlalchemy": sqlalchemy_load}[cfg["mode"]]
     t0 = time.monotonic()
     result = mode(cfg, pool)
     result["elapsed"] = time.monotonic() - t0

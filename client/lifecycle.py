@@ -55,6 +55,10 @@ def track_pool(pool: Tracked, is_open: bool) -> None:
     _live_pools.add(pool)
     if is_open:
         _open_pools.add(pool)
+        # a pool opens in the thread that makes it, usually the main one: the
+        # only one that may set a signal handler (the first lease request may
+        # come from any thread)
+        _shutdown_on_sigterm()
     else:
         _open_pools.discard(pool)
 
@@ -75,40 +79,64 @@ def on_first_start() -> None:
 
         if multiprocessing.parent_process() is not None:
             multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
-            _shutdown_on_sigterm()
     except Exception:
         pass
+    _shutdown_on_sigterm()
 
 
 #: Seconds a SIGTERMed multiprocessing child spends giving its leases back before
-#: it dies anyway (then they come back at the TTL).
-TERMINATE_GRACE = 2.0
+#: it dies anyway, of SIGALRM (then they come back at the TTL).
+TERMINATE_GRACE = 2
+
+
+_sigterm_armed_pid = 0
 
 
 def _shutdown_on_sigterm() -> None:
     """In a multiprocessing child: SIGTERM (``Pool.terminate()``) kills without
     finalizers, so give the leases back first, then die of SIGTERM as before.
     Only where SIGTERM has its default action (the application's own handler
-    wins) and from the main thread (the only one that may set handlers)."""
+    wins) and from the main thread (the only one that may set handlers); once
+    per process."""
+    global _sigterm_armed_pid
+    if _sigterm_armed_pid == os.getpid():
+        return
+    try:
+        import multiprocessing
+
+        if multiprocessing.parent_process() is None:
+            return
+    except Exception:
+        return
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         return
+    _sigterm_armed_pid = os.getpid()
 
     def terminated(signum: int, _frame: Any) -> None:
         signal.signal(signum, signal.SIG_DFL)
-        # in another thread, with a deadline: the main thread may have been
-        # interrupted holding a pool's lock, and shutdown would wait for it forever
-        closer = threading.Thread(target=shutdown, name="poolbroker-sigterm", daemon=True)
-        closer.start()
-        closer.join(TERMINATE_GRACE)
+        # whatever happens below, dead by the deadline: the main thread may have
+        # been interrupted holding a pool's lock, and shutdown would wait for it
+        # forever (no thread is started here: the interrupted code may hold
+        # threading's own locks)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(TERMINATE_GRACE)
+        if _shutdown_pid == os.getpid():
+            return  # the interrupted code is giving the leases back already: let it
+        shutdown()
         os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, terminated)
 
 
+_shutdown_pid = 0  # the process whose shutdown has begun
+
+
 def shutdown() -> None:
     """Close every pool of this process and say bye to every broker. Runs at exit;
     idempotent."""
+    global _shutdown_pid
+    _shutdown_pid = os.getpid()
     for pool in list(_live_pools):
         try:
             pool.close_at_exit()

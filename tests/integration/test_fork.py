@@ -39,7 +39,7 @@ def test_multiprocessing_children_share_the_budget(pg, broker_factory, start, en
     assert result["pools_per_child"] and set(result["pools_per_child"]) == {1}, result
     assert result["task_pool_is_initializer_pool"], result
     assert sampler.max[tag] <= 3, sampler.max
-    assert broker.wait_leased(0, 5.0) == 0
+    assert broker.wait_leased(0, 5.0) == 0, broker.log_text()[-2000:]
 
 
 def test_subprocess_with_preexec_fn_while_a_pool_keeps_min_size(pg, broker_factory):

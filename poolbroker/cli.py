@@ -177,8 +177,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    file_config: dict = {"pools": {}, "ttl": None, "bind": None, "max_clients": None,
-                         "max_waiting": None, "metrics": None}
+    file_config: dict = {"pools": {}, "quotas": {}, "ttl": None, "bind": None,
+                         "max_clients": None, "max_waiting": None, "metrics": None}
     if args.config:
         try:
             file_config = load_config(args.config)
@@ -247,7 +247,8 @@ def _serve(args: argparse.Namespace) -> int:
                config_path=args.config, pool_overrides=overrides,
                fence_dsn=args.fence_dsn, admin_bind=args.admin_bind, socket_group=gid,
                curve_secret=args.curve_secret, curve_clients=args.curve_clients,
-               unconfirmed_hold=args.unconfirmed_hold, metrics_bind=metrics).run()
+               unconfirmed_hold=args.unconfirmed_hold, metrics_bind=metrics,
+               quotas=file_config["quotas"]).run()
     except AddressInUse as exc:
         log.error("%s", exc)
         return 1

@@ -8,17 +8,24 @@
     [pools]
     default = 20
     reports = 4
+    [quotas.default]                            # optional; see poolbroker.quotas
+    "batch*" = { max = 5 }
+    "web*" = { reserve = 4 }
 
-On SIGHUP the broker re-reads the file and applies the pools: a changed max takes
-effect at once (shrinking recalls idle leases first, growing serves waiters), a new
-pool appears, a pool no longer listed is drained. A file that does not parse is
-logged and ignored: the broker keeps running with what it had.
+On SIGHUP the broker re-reads the file and applies the pools and their quotas: a
+changed max takes effect at once (shrinking recalls idle leases first, growing
+serves waiters), a new pool appears, a pool no longer listed is drained. A file
+that does not parse is logged and ignored: the broker keeps running with what it
+had.
 """
 
 from __future__ import annotations
 
 import sys
 from typing import Any, Dict
+
+from .quotas import QuotaError
+from .quotas import parse as parse_quotas
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,6 +63,11 @@ def load(path: str) -> Dict[str, Any]:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):
             raise ConfigError(f"{path}: {cap} must be an integer >= 1, not {value!r}")
-    return {"pools": dict(pools), "ttl": data.get("ttl"), "bind": data.get("bind"),
+    try:
+        quotas = parse_quotas(data.get("quotas"), pools, path)
+    except QuotaError as exc:
+        raise ConfigError(str(exc)) from None
+    return {"pools": dict(pools), "quotas": quotas, "ttl": data.get("ttl"),
+            "bind": data.get("bind"),
             "max_clients": data.get("max_clients"), "max_waiting": data.get("max_waiting"),
             "metrics": data.get("metrics")}

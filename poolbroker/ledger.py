@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol as p
 from .leaseids import LeaseIds
+from .quotas import Quota, group_of
 
 log = logging.getLogger("poolbroker")
 
@@ -195,6 +196,11 @@ class Pool:
     # clients waiting here while holding nothing, in the order they got so, with
     # since when: whose turn comes first when clients take turns
     empty: "OrderedDict[ClientId, float]" = field(default_factory=OrderedDict)
+    # quotas between kinds of clients (see poolbroker.quotas): the groups, the
+    # leases each group holds (kept up to date like demand), each client's group
+    quotas: List[Quota] = field(default_factory=list)
+    group_held: List[int] = field(default_factory=list)
+    group: Dict[ClientId, Optional[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -456,7 +462,8 @@ class Ledger:
             client.idle[pool] = 0
             self._count(the_pool, cid)
         if (not the_pool.queue and len(the_pool.leases) < the_pool.max and not self._in_grace
-                and not the_pool.paused and not the_pool.contended and not the_pool.told):
+                and not the_pool.paused and not the_pool.contended and not the_pool.told
+                and self._room(the_pool, cid)):
             # the common case, a pool with room that nobody waits for: granted
             # straight away, nothing to queue, recall or tell anyone
             return [self._grant(the_pool, client, rid, now, waited=0.0)]
@@ -767,12 +774,17 @@ class Ledger:
             d = Demand()
         d.held += held
         d.waiting += waiting
+        if held and pool.quotas:
+            g = self._group(pool, cid)
+            if g is not None:
+                pool.group_held[g] += held
         if d.held == 0 and d.waiting:
             pool.empty.setdefault(cid, now)
         else:
             pool.empty.pop(cid, None)
         if d.held == 0 and d.waiting == 0:
             pool.demand.pop(cid, None)
+            pool.group.pop(cid, None)
             return
         d.idle = min(d.held, self.clients[cid].idle.get(pool.name, 0))
         pool.demand[cid] = d
@@ -940,6 +952,8 @@ class Ledger:
         while (pool.queue and len(pool.leases) < pool.max and not self._in_grace
                and not pool.paused and not pool.draining):
             waiter = self._pick(pool)
+            if waiter is None:
+                break  # the free slots are reserved for others, or the groups are full
             client = self.clients[waiter.client]
             self._dequeue(client, waiter)
             outs.append(self._grant(pool, client, waiter.rid, now, waited=now - waiter.since))
@@ -993,27 +1007,93 @@ class Ledger:
         return (lease_id in self.expired or lease_id in self.fencing
                 or any(lease_id in pl.leases for pl in self.pools.values()))
 
-    def _pick(self, pool: Pool) -> Waiter:
+    def _pick(self, pool: Pool) -> Optional[Waiter]:
         """The oldest waiter whose client is starved (holds less than its
         entitlement rounded down), else the oldest whose client holds less than
         its entitlement rounded up, else the oldest (so a slot freed in a
         balanced pool stays where it keeps the balance, and moves nothing).
         With fewer slots than clients (they take turns), the client that has
-        held nothing the longest goes first, however old another's requests."""
-        demands = pool.demand
-        level = water_level([d.want for d in demands.values()], pool.max)
+        held nothing the longest goes first, however old another's requests.
+        With quotas, only waiters with room (see :meth:`_room`); None if none."""
+        demands, capacity = self._shares(pool)
+        level = water_level([d.want for d in demands.values()], capacity)
+        quotas = bool(pool.quotas)
         if level < 1 and pool.empty:
-            first = self.clients[next(iter(pool.empty))]
-            return next(w for w in first.waiting.values() if w.pool == pool.name)
-        below_ceiling = None
+            for cid in pool.empty:
+                if not quotas or self._room(pool, cid):
+                    return next(w for w in self.clients[cid].waiting.values()
+                                if w.pool == pool.name)
+        below_ceiling = oldest = None
         for waiter in pool.queue.values():
+            if quotas and not self._room(pool, waiter.client):
+                continue
             d = demands[waiter.client]
             floor, ceiling = entitled(d, level)
             if d.held < floor:
                 return waiter
             if below_ceiling is None and d.held < ceiling:
                 below_ceiling = waiter
-        return below_ceiling or next(iter(pool.queue.values()))
+            if oldest is None:
+                oldest = waiter
+        return below_ceiling or oldest
+
+    # ------------------------------------------------------------------ quotas
+
+    def set_quotas(self, pool_name: str, quotas: List[Quota], now: float) -> List[Out]:
+        """Replace a pool's quotas (see :mod:`poolbroker.quotas`); leases held
+        beyond a new cap are not recalled, the group just gets no more until it
+        is back under it."""
+        pool = self.pools[pool_name]
+        pool.quotas = list(quotas)
+        pool.group = {}
+        pool.group_held = [0] * len(quotas)
+        for lease in pool.leases.values():
+            if lease.owned:
+                g = self._group(pool, lease.client)
+                if g is not None:
+                    pool.group_held[g] += 1
+        if quotas:
+            log.info("pool %r quotas: %s", pool_name, "; ".join(q.describe() for q in quotas))
+        return self._rebalance(pool_name, now)
+
+    def _group(self, pool: Pool, cid: ClientId) -> Optional[int]:
+        """The client's group in the pool, fixed while it holds or wants leases
+        there (a client that says hello again under another name changes group
+        only once it has left the pool)."""
+        if cid not in pool.group:
+            pool.group[cid] = group_of(pool.quotas, self.clients[cid].name)
+        return pool.group[cid]
+
+    def _unused_reserve(self, pool: Pool, mine: Optional[int] = None) -> int:
+        """Slots reserved for groups (but ``mine``) and not used by them."""
+        return sum(max(0, q.reserve - pool.group_held[g]) for g, q in enumerate(pool.quotas)
+                   if q.reserve and g != mine)
+
+    def _room(self, pool: Pool, cid: ClientId) -> bool:
+        """Whether a lease may go to ``cid`` now: its group is under its cap, and
+        a free slot is left once the other groups' unused reserves are kept."""
+        if not pool.quotas:
+            return len(pool.leases) < pool.max
+        g = self._group(pool, cid)
+        if g is not None:
+            cap = pool.quotas[g].max
+            if cap is not None and pool.group_held[g] >= cap:
+                return False
+        return len(pool.leases) + self._unused_reserve(pool, g) < pool.max
+
+    def _shares(self, pool: Pool) -> Tuple[Dict[ClientId, Demand], int]:
+        """The demands and the capacity fair shares are computed over: with
+        quotas, a client whose group is at its cap wants nothing more (its
+        requests wait for its group, not for a share), and unused reserves are
+        not shared out."""
+        if not pool.quotas:
+            return pool.demand, pool.max
+        full = {g for g, q in enumerate(pool.quotas)
+                if q.max is not None and pool.group_held[g] >= q.max}
+        demands = {cid: (Demand(d.held, 0, d.idle)
+                         if d.waiting and self._group(pool, cid) in full else d)
+                   for cid, d in pool.demand.items()}
+        return demands, max(0, pool.max - self._unused_reserve(pool))
 
     def _recall_targets(self, pool: Pool, now: float) -> Dict[ClientId, int]:
         """How many leases to ask back from each client, so that starved waiters
@@ -1038,8 +1118,8 @@ class Ledger:
         excess = len(pool.leases) - pool.max
         if not pool.queue and excess <= 0:
             return {}
-        demands = pool.demand
-        level = water_level([d.want for d in demands.values()], pool.max)
+        demands, capacity = self._shares(pool)
+        level = water_level([d.want for d in demands.values()], capacity)
         bounds = {cid: entitled(d, level) for cid, d in demands.items()}
         # below the entitlement rounded down: starved; below it rounded up: owed
         # a lease by anyone above theirs rounded up (with fewer slots than
@@ -1083,11 +1163,11 @@ class Ledger:
                     break
                 need = take(cid, surplus, need)
         if level < 1 and not (pool.paused or self._in_grace):
-            self._rotation(pool, now, targets, sum(targets.values()) - own)
+            self._rotation(pool, now, targets, sum(targets.values()) - own, demands)
         return targets
 
     def _rotation(self, pool: Pool, now: float, targets: Dict[ClientId, int],
-                  asked: int) -> None:
+                  asked: int, demands: Dict[ClientId, Demand]) -> None:
         """Turns, for a pool with fewer slots than clients that want one: every
         client that has held nothing there while waiting for ``ROTATE_AFTER``
         seconds (the longest first, however old its requests) gets the oldest
@@ -1096,7 +1176,9 @@ class Ledger:
         ``asked`` leases already recalled. Adds to ``targets``; sets when a
         tick should look again."""
         turns, soonest = 0, math.inf
-        for since in pool.empty.values():  # the longest without a lease first
+        for cid, since in pool.empty.items():  # the longest without a lease first
+            if not demands[cid].waiting:
+                continue  # its group is at its cap: a turn would not reach it
             if since + ROTATE_AFTER > now:
                 soonest = since + ROTATE_AFTER
                 break  # later ones waited even less
@@ -1173,6 +1255,8 @@ class Ledger:
                 "waiting": len(pool.queue),
                 "clients": len(pool.demand),
                 "contended": pool.contended,
+                "quotas": [{"pattern": q.pattern, "max": q.max, "reserve": q.reserve,
+                            "held": pool.group_held[g]} for g, q in enumerate(pool.quotas)],
                 **pool.counters.view(),
             }
         clients = []
@@ -1230,6 +1314,13 @@ class Ledger:
             assert pool.demand == scratch, (pool.name, pool.demand, scratch)
             assert set(pool.empty) == {cid for cid, d in scratch.items()
                                        if d.waiting and not d.held}, (pool.name, pool.empty)
+            groups = [0] * len(pool.quotas)
+            for cid, d in scratch.items():
+                g = pool.group.get(cid)
+                if g is not None:
+                    groups[g] += d.held
+            assert groups == pool.group_held, (pool.name, groups, pool.group_held)
+            assert set(pool.group) <= set(pool.demand)
             assert pool.told <= set(self.clients)
         # every live timer is in the heap
         pending = {(kind, key) for _, _, kind, key in self._timers}

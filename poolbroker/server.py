@@ -31,6 +31,7 @@ from .fencing import check_dsn as check_fence_dsn
 from .leaseids import LeaseIds
 from .ledger import Ledger, Out
 from .metrics import MetricsServer, SnapshotExchange
+from .quotas import Quota
 from .security import (
     InsecureEndpoint,
     bind_private,
@@ -141,6 +142,7 @@ class Broker:
         curve_clients: Optional[str] = None,
         unconfirmed_hold: float = 8000.0,
         metrics_bind: Optional[str] = None,
+        quotas: Optional[Dict[str, List[Quota]]] = None,
     ) -> None:
         """``metrics_bind``: HOST:PORT for Prometheus' ``/metrics`` (None: no
         metrics; see :mod:`poolbroker.metrics`). ``admin_bind``: where
@@ -175,6 +177,8 @@ class Broker:
         self.fencer: Optional[Fencer] = None
         self._stop = False
         self._reload = False
+        for name, pool_quotas in (quotas or {}).items():
+            self.ledger.set_quotas(name, pool_quotas, 0.0)  # nobody to tell yet
         self.config_path = config_path
         self.pool_overrides = dict(pool_overrides or {})  # --pool wins over the file
         self._wake_r, self._wake_w = socket.socketpair()
@@ -222,10 +226,11 @@ class Broker:
             log.warning("SIGHUP: no --config file to reload")
             return []
         try:
-            pools = load_config(self.config_path)["pools"]
+            config = load_config(self.config_path)
         except ConfigError as exc:
             log.error("SIGHUP: %s; keeping the current configuration", exc)
             return []
+        pools, quotas = config["pools"], config["quotas"]
         pools.update(self.pool_overrides)
         log.info("SIGHUP: reloading %s", self.config_path)
         outs: List[Out] = []
@@ -233,6 +238,8 @@ class Broker:
             pool = self.ledger.pools.get(name)
             if pool is None or pool.max != size:
                 outs += self.ledger.resize(name, size, now)  # drain/pause stay until resume
+            if self.ledger.pools[name].quotas != quotas.get(name, []):
+                outs += self.ledger.set_quotas(name, quotas.get(name, []), now)
         for name, pool in self.ledger.pools.items():
             if name not in pools and not pool.draining:
                 log.warning("SIGHUP: pool %r is no longer configured: draining it", name)

@@ -108,3 +108,37 @@ def test_pause_makes_requests_wait_until_resume(pg, broker_factory):
 def test_admin_on_an_unknown_pool_names_it(broker):
     out = cli("drain", "--broker", broker.url, "--pool", "nope")
     assert out.returncode == 1 and "'nope'" in out.stderr
+
+
+def test_quotas_from_the_config_file_cap_batch_and_keep_web_s_reserve(
+        pg, broker_factory, tmp_path):
+    """Budget 4; clients named batch* hold at most 2 together, web* keep 1 slot
+    nobody else takes. Three batch workers hammer the pool; an "other" worker too;
+    a web worker arriving later is served at once from its reserve. Counted in
+    pg_stat_activity by tag; the quotas are reported in status."""
+    config = tmp_path / "poolbroker.toml"
+    config.write_text('[pools]\ndefault = 4\n[quotas.default]\n"batch*" = { max = 2 }\n'
+                      '"web*" = { reserve = 1 }\n')
+    broker = broker_factory({}, extra=("--config", str(config)))
+    batch_tag, other_tag, web_tag = new_tag(), new_tag(), new_tag()
+    with Sampler(pg.dsn, [batch_tag, other_tag, web_tag]) as sampler, \
+            Sampler(pg.dsn, [batch_tag, other_tag]) as not_web:
+        hogs = [Worker(dict(mode="load", dsn=tagged(pg.dsn, batch_tag), broker=broker.url,
+                            app_name=f"batch-{i}", threads=2, iterations=60, sleep=0.01,
+                            timeout=60)) for i in range(3)]
+        other = Worker(dict(mode="load", dsn=tagged(pg.dsn, other_tag), broker=broker.url,
+                            app_name="reports", threads=3, iterations=40, sleep=0.01,
+                            timeout=60))
+        status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] >= 3, 10)
+        web = Worker(dict(mode="load", dsn=tagged(pg.dsn, web_tag), broker=broker.url,
+                          app_name="web", threads=1, iterations=20, sleep=0.005,
+                          timeout=1)).result()
+        results = [w.result() for w in hogs + [other]]
+    assert web["ok"] == 20 and web["timeouts"] == 0, web
+    assert all(r["timeouts"] == 0 and r["errors"] == 0 for r in results), results
+    assert sampler.max[batch_tag] <= 2, sampler.max  # the cap
+    assert not_web.max_total <= 3, not_web.max  # web's reserve is web's alone
+    assert sampler.max_total <= 4
+    quotas = status["pools"]["default"]["quotas"]
+    assert [(q["pattern"], q["max"], q["reserve"]) for q in quotas] == [
+        ("batch*", 2, 0), ("web*", None, 1)]

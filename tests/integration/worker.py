@@ -322,6 +322,10 @@ def chaos(cfg, pool):
 
 def main():
     cfg = json.loads(sys.argv[1])
+    if cfg.get("app_name"):  # what the broker's quotas match
+        import os
+
+        os.environ["POOLBROKER_APPLICATION_NAME"] = cfg["app_name"]
     pool = ConnectionPool(cfg["dsn"], broker=cfg["broker"], pool=cfg.get("pool"),
                           min_size=cfg.get("min_size", 0), max_size=cfg.get("max_size"),
                           timeout=cfg.get("timeout", 30), name=cfg.get("name"))

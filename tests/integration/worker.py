@@ -15,6 +15,7 @@ Prints ``RESULT <json>`` at the end.
 """
 
 import json
+import math
 import sys
 import threading
 import time
@@ -30,7 +31,12 @@ def load(cfg, pool):
     errors = []
 
     def run():
-        for _ in range(cfg.get("iterations", 10)):
+        until = time.monotonic() + cfg.get("seconds", math.inf)  # or a number of iterations
+        for i in range(cfg.get("iterations", 10**9 if "seconds" in cfg else 10)):
+            if i and cfg.get("pause"):
+                time.sleep(cfg["pause"])  # thinking, holding no connection
+            if time.monotonic() > until:
+                break
             try:
                 with pool.connection(timeout=cfg.get("timeout", 30)) as conn:
                     with conn.cursor() as cur:

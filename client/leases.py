@@ -285,6 +285,15 @@ class LeaseClient:
         """How many leases of ``pool`` the broker wants back."""
         return self._session.debt.get(pool, 0)
 
+    def keeps(self, pool: str, lease: int) -> bool:
+        """True if a connection of ``pool`` on ``lease`` may simply go back to its
+        pool's idle connections: the lease is not lost, the broker wants none of
+        the pool's leases back, and nobody waits for one (the hot path of every
+        putconn: three dict reads, no lock)."""
+        session = self._session
+        return not (lease in session.lost or session.debt.get(pool)
+                    or session.contended.get(pool))
+
     def is_lost(self, lease: int) -> bool:
         """True if the broker no longer counts ``lease`` (its connection must go)."""
         return lease in self._session.lost

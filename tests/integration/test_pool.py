@@ -262,7 +262,8 @@ def test_an_idle_connection_goes_back_only_when_its_next_use_is_further_off_than
     tag = new_tag()
     with Sampler(pg.dsn, [tag]) as sampler:
         hog = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
-                          threads=6, seconds=5, sleep=0.002, timeout=30))
+                          # busy all along the light one's run (about 3 s with pauses)
+                          threads=6, seconds=8 if pause else 3, sleep=0.002, timeout=30))
         assert broker.wait_leased(2, 10) == 2
         light = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
                             threads=1, iterations=25, sleep=0.002, pause=pause,

@@ -278,8 +278,9 @@ class LeaseClient:
 
     def contended(self, pool: str) -> bool:
         """True while the broker says requests wait in ``pool``: connections idle
-        longer than a move costs should go back."""
-        return self._session.contended.get(pool, False)
+        longer than a move costs should go back. False once the broker has been
+        silent too long to know (see :meth:`LeaseSession.is_contended`)."""
+        return self._session.is_contended(pool, time.monotonic())
 
     def recall_owed(self, pool: str) -> int:
         """How many leases of ``pool`` the broker wants back."""
@@ -292,7 +293,8 @@ class LeaseClient:
         putconn: three dict reads, no lock)."""
         session = self._session
         return not (lease in session.lost or session.debt.get(pool)
-                    or session.contended.get(pool))
+                    or (session.contended.get(pool)
+                        and session.is_contended(pool, time.monotonic())))
 
     def is_lost(self, lease: int) -> bool:
         """True if the broker no longer counts ``lease`` (its connection must go)."""

@@ -183,6 +183,15 @@ class LeaseSession:
         self.check_at = now
         return self.check_rid
 
+    def is_contended(self, pool: str, now: float) -> bool:
+        """The broker's word that others wait in ``pool``, while it is worth
+        anything: from a broker silent for longer than :meth:`quiet_limit`
+        (stopped, unreachable) it is stale, and idle connections are better kept
+        than given back to nobody (a pool could not get them back while the
+        broker is away)."""
+        return bool(self.contended.get(pool)) and self.last_reply is not None \
+            and now - self.last_reply < self.quiet_limit()
+
     def quiet_limit(self) -> float:
         """Seconds without a message after which the broker counts as not answering:
         a live broker answers at least every third heartbeat (see heartbeat_frame)."""

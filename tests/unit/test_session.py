@@ -139,6 +139,21 @@ def test_recall_debt_and_urgent_releases():
     assert s.release(2).urgent  # others wait: send it now
 
 
+def test_contention_is_forgotten_when_the_broker_falls_silent():
+    """A broker stopped while its pool was contended never says it is over: once
+    it has been silent past the quiet limit, idle connections are kept (given
+    back, they could not be had again while it is away)."""
+    s = welcomed()
+    s.on_message({"op": "recall", "pool": "default", "count": 0, "contended": True}, 1.0)
+    assert s.is_contended("default", 1.5) and not s.is_contended("other", 1.5)
+    assert s.is_contended("default", 1.0 + s.quiet_limit() - 0.01)
+    assert not s.is_contended("default", 1.0 + s.quiet_limit())
+    s.on_message({"op": "hb", "unknown": []}, 10.0)  # it is back, still contended
+    assert s.is_contended("default", 10.1)
+    s.on_message({"op": "recall", "pool": "default", "count": 0, "contended": False}, 10.2)
+    assert not s.is_contended("default", 10.3)
+
+
 def test_lost_leases_are_reported_once_and_never_released():
     s = welcomed()
     rid, _ = s.acquire("default", 5.0, 0.0)

@@ -1,20 +1,21 @@
 """Celery: a prefork worker (4 child processes) under one budget of 4, pools opened
 in worker_process_init and closed in worker_process_shutdown, as the README shows."""
 
+import importlib
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
-from celery import Celery
 
 from helpers import HERE, Sampler, new_tag, tagged
 
 pytestmark = pytest.mark.integration
 
 
-def test_a_prefork_celery_worker_shares_one_budget(pg, broker_factory, tmp_path):
+def test_a_prefork_celery_worker_shares_one_budget(pg, broker_factory, tmp_path,
+                                                    monkeypatch):
     broker = broker_factory({"default": 4}, ttl=10.0)
     tag = new_tag()
     for sub in ("queue", "done", "results"):
@@ -22,12 +23,11 @@ def test_a_prefork_celery_worker_shares_one_budget(pg, broker_factory, tmp_path)
     path = os.pathsep.join([os.path.dirname(HERE), os.path.join(HERE, "integration")])
     env = {**os.environ, "PB_DSN": tagged(pg.dsn, tag), "POOLBROKER_URL": broker.url,
            "PB_CELERY_DIR": str(tmp_path), "PYTHONPATH": path}
-    # this process only sends: an app with the same transport, tasks by name
-    sender = Celery("pbtest", broker="filesystem://", backend=f"file://{tmp_path}/results")
-    sender.conf.broker_transport_options = {"data_folder_in": f"{tmp_path}/queue",
-                                            "data_folder_out": f"{tmp_path}/queue",
-                                            "processed_folder": f"{tmp_path}/done",
-                                            "control_folder": f"{tmp_path}/control"}
+    # this process only sends, with the worker's own app (same transport and
+    # folders); its signal handlers run only in worker processes
+    monkeypatch.setenv("PB_CELERY_DIR", str(tmp_path))
+    sys.modules.pop("celery_app", None)
+    sender = importlib.import_module("celery_app").app
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "-P", "prefork",
          "-c", "4", "--loglevel", "INFO", "--without-gossip", "--without-mingle",

@@ -463,7 +463,7 @@ class Ledger:
             self._count(the_pool, cid)
         if (not the_pool.queue and len(the_pool.leases) < the_pool.max and not self._in_grace
                 and not the_pool.paused and not the_pool.contended and not the_pool.told
-                and self._room(the_pool, cid)):
+                and (not the_pool.quotas or self._room(the_pool, cid))):
             # the common case, a pool with room that nobody waits for: granted
             # straight away, nothing to queue, recall or tell anyone
             return [self._grant(the_pool, client, rid, now, waited=0.0)]

@@ -62,9 +62,9 @@ class _Conn:
         self.expires = expires
         self.in_use = True
 
-    def check_out(self) -> None:
+    def check_out(self, now: float) -> None:
         self.in_use = True
-        self.out_since = time.monotonic()
+        self.out_since = now
 
 
 class _Checkout(Generic[CT]):
@@ -531,8 +531,7 @@ class PoolCore(Generic[CT]):
                 self._note_reuse_locked(start)
             if self._idle:
                 c = self._idle.pop()  # LIFO: the spare ones at the left age out
-                c.in_use = True
-                c.out_since = start
+                c.check_out(start)
                 return c.conn
             if self.max_waiting and len(self._waiting) >= self.max_waiting:
                 self._stats["requests_errors"] += 1
@@ -778,7 +777,7 @@ class PoolCore(Generic[CT]):
                     w = self._waiting.popleft()
                     if w.done:
                         continue
-                    c.check_out()
+                    c.check_out(c.returned)
                     w.conn = c
                     w.done = True
                     w.wake()
@@ -1105,8 +1104,8 @@ class PoolCore(Generic[CT]):
         with self._lock:
             if self._idle and not self._closed:
                 c = self._idle.pop()
-                c.in_use = True
-                c.out_since = now = time.monotonic()
+                now = time.monotonic()
+                c.check_out(now)
                 if count_request:
                     self._stats["requests_num"] += 1
                     if self._returns:

@@ -21,13 +21,12 @@ def fleet(size, quotas, names):
     return ledger
 
 
-def ask(ledger, cid, rid, now=0.0):
-    outs = ledger.acquire(cid, rid=rid, pool=POOL, timeout=1e6, now=now)
-    return [f["lease"] for to, op, f in outs if op == "grant" and to == cid]
-
-
 def granted(outs, cid):
     return [f["lease"] for to, op, f in outs if op == "grant" and to == cid]
+
+
+def ask(ledger, cid, rid, now=0.0):
+    return granted(ledger.acquire(cid, rid=rid, pool=POOL, timeout=1e6, now=now), cid)
 
 
 def test_a_capped_group_waits_while_others_take_the_free_slots():

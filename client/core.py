@@ -105,13 +105,16 @@ class Waiter:
     block) once it is served; by default it sets ``event``."""
 
     __slots__ = ("event", "wake", "deadline", "done", "conn", "lease", "error", "req",
-                 "warm", "granted_at")
+                 "warm", "granted_at", "nudge")
 
     def __init__(self, deadline: float, warm: bool = False,
                  wake: Optional[Callable[[], None]] = None) -> None:
         self.warm = warm  # opened by the janitor for min_size, not by a caller
         self.event = threading.Event()
-        self.wake: Callable[[], None] = wake or self.event.set
+        self.wake: Callable[[], None] = wake or self._set
+        # set while its caller reads the broker's socket (LeaseClient.serve_until):
+        # a connection handed over by another thread must interrupt that
+        self.nudge: Optional[Callable[[], None]] = None
         self.deadline = deadline
         self.done = False
         self.conn: Optional[_Conn] = None
@@ -119,6 +122,12 @@ class Waiter:
         self.error: Optional[BaseException] = None
         self.req: Optional[LeaseRequest] = None
         self.granted_at = 0.0  # when the grant reached us (a freeze after it shows)
+
+    def _set(self) -> None:
+        self.event.set()
+        nudge = self.nudge  # read after the set: see LeaseClient.serve_until
+        if nudge is not None:
+            nudge()
 
 
 class PoolCore(Generic[CT]):
@@ -292,6 +301,10 @@ class PoolCore(Generic[CT]):
         got = self.checkout(start, timeout)
         if not isinstance(got, Waiter):
             return got
+        if got.req is not None or self._reqs:  # a grant may serve it: read it here
+            client = self._lease_client()
+            got.nudge = client.nudge
+            client.serve_until(got.event.is_set, got.deadline)
         got.event.wait(max(0.0, got.deadline - start))
         handed, lease = self.finish_wait(got, start, timeout)
         if lease is None:

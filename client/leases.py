@@ -1,11 +1,21 @@
 """LeaseClient: this process's link to the broker.
 
-One I/O thread per process (per broker URL) owns the ZeroMQ DEALER socket; ZeroMQ
-sockets are not thread-safe, so application threads never touch it. They queue a
-message, poke the I/O thread through a pipe and wait on their own deadline. The I/O
-thread sends heartbeats, reconnects (ZeroMQ retries with backoff by itself),
-re-announces held leases when the broker does not know us (restart, expiry),
-hands grants and errors to callbacks, and acts on recalls.
+One I/O thread per process (per broker URL) keeps the link: it sends heartbeats,
+reconnects (ZeroMQ retries with backoff by itself), re-announces held leases when
+the broker does not know us (restart, expiry), hands grants and errors to
+callbacks, and acts on recalls.
+
+A lease should cost one round trip, not four thread hand-offs, so the ZeroMQ
+DEALER socket is shared under a lock (ZeroMQ sockets are not thread-safe, but may
+pass between threads behind a full memory barrier). A thread that asks for a
+lease sends its request itself when the socket is free, and while it waits it
+may *lead*: read the socket on its own thread for a few milliseconds
+(:meth:`LeaseClient.serve_until`), so that the grant wakes it directly. Whoever
+holds the socket does everything the I/O thread would (reads and dispatches every
+message in order, sends what is queued, heartbeats when due) and leaves nothing
+unread: the I/O thread waits on the socket's edge-triggered ``ZMQ_FD``, which
+only signals arrivals after the last reader emptied the queue. When the socket is
+busy a thread queues its message and pokes the I/O thread through a pipe.
 
 A grant that arrives for a request nobody waits for any more is released at once,
 so a lease is never lost between a caller's timeout and the broker's answer.
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import sys
 import threading
@@ -33,6 +44,7 @@ import zmq
 
 from poolbroker import protocol as p
 from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
+from poolbroker.sockets import NOBLOCK, descriptor, readable
 
 from . import closing, lifecycle
 from .errors import PoolError
@@ -43,6 +55,15 @@ log = logging.getLogger("poolbroker_client")
 # How long a socket whose close was not confirmed is watched for the server's EOF
 # (the broker's default hold: a server notices a vanished client by TCP keepalive).
 UNCONFIRMED_WATCH = 8000.0
+
+# How long a waiting thread reads the socket itself before leaving it to the I/O
+# thread: a grant from a broker with room comes within a millisecond or two; one
+# that has to wait for a slot comes through the I/O thread (which, like other
+# waiting threads, waits for the socket meanwhile: so this stays short).
+LEAD_FOR = 0.005
+# How long a thread that wants to lead waits for the socket (held by the I/O
+# thread's own turn, or by another leader that will read its answer anyway).
+LEAD_WAIT = 0.0003
 
 Callback = Callable[["LeaseRequest", Optional[int], Optional[BaseException]], None]
 
@@ -139,6 +160,13 @@ class LeaseClient:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        # the socket and what goes with it: whoever holds _sock_lock uses them
+        self._sock_lock = threading.Lock()
+        self._sock: Optional[zmq.Socket] = None  # set by the I/O thread while it runs
+        self._sock_poll: Optional["select.poll"] = None  # ZMQ_FD and the wake pipe
+        self._next_beat = 0.0
+        self._backlog = False  # the queue to the broker was full at the last send
+        self._leader: Optional[int] = None  # thread id of a caller reading the socket
         self.confirmed = threading.Event()  # set while not suspect
         self._direct: Dict[int, float] = {}  # lease() blocks: lease id -> since
         self.confirmed.set()
@@ -192,7 +220,7 @@ class LeaseClient:
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
             self._callbacks[rid] = req
             self._outbox.append(frame)
-        self._wake()
+        self._flush()
         return req
 
     def cancel(self, req: LeaseRequest) -> bool:
@@ -204,7 +232,7 @@ class LeaseClient:
                 return False
             self._callbacks.pop(req.rid, None)
             self._outbox.append(frame)
-        self._wake()
+        self._flush()
         return True
 
     def release(self, lease: int) -> None:
@@ -219,7 +247,7 @@ class LeaseClient:
             actions = self._session.release(lease)
             self._outbox += actions.send
         if actions.urgent:
-            self._wake()
+            self._flush()
 
     def release_unconfirmed(self, lease: int, fd: int) -> None:
         """Give ``lease`` back although the server was not seen to close its
@@ -368,7 +396,75 @@ class LeaseClient:
     def _send_soon(self, frame: bytes) -> None:
         with self._lock:
             self._outbox.append(frame)
-        self._wake()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what is queued from this thread if the socket is free at once
+        (callers may hold their pool's lock here: never wait for the socket, and
+        never read it: reading runs callbacks that take pool locks); else, or if
+        something arrived meanwhile, the I/O thread does it."""
+        if not self._sock_lock.acquire(blocking=False):
+            self._wake()
+            return
+        try:
+            sock = self._sock
+            if sock is None:  # the I/O thread is starting (or gone): it sends
+                pending = True
+            else:
+                with self._lock:
+                    outbox, self._outbox = self._outbox, []
+                self._backlog = self._send_all(sock, outbox)
+                # our send may have taken the socket's signal of an arrival
+                pending = self._backlog or readable(sock)
+        except Exception:
+            log.debug("sending from a caller's thread failed; the I/O thread will",
+                      exc_info=True)
+            pending = True
+        finally:
+            self._sock_lock.release()
+        if pending:
+            self._wake()
+
+    def serve_until(self, done: Callable[[], bool], until: float) -> None:
+        """Read the broker's messages on this thread until ``done()`` or
+        ``time.monotonic() >= until`` (at most :data:`LEAD_FOR` from now), if the
+        socket can be had at once: a grant then wakes its caller directly, not
+        through the I/O thread. Call it holding no lock a callback could take
+        (callbacks run here), never from the I/O thread or an event loop. A
+        caller's own ``done`` may be set by another thread meanwhile: that thread
+        calls :meth:`nudge`. Returns early (doing nothing) if the socket is busy."""
+        until = min(until, time.monotonic() + LEAD_FOR)
+        if threading.current_thread() is self._thread or done():
+            return
+        if not self._sock_lock.acquire(timeout=LEAD_WAIT):
+            return
+        try:
+            sock, waiter = self._sock, self._sock_poll
+            if sock is None or waiter is None:
+                return
+            self._leader = threading.get_ident()
+            wake_fd, poked = self._wake_r.fileno(), False
+            while True:
+                if self._pump(sock, poked, io_turn=False) or done():
+                    return
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                poked = any(fd == wake_fd for fd, _ in waiter.poll(left * 1000.0))
+        except Exception:  # the I/O thread meets it too and starts over
+            log.debug("reading the broker's socket from a caller's thread failed",
+                      exc_info=True)
+            self._wake()
+        finally:
+            self._leader = None
+            self._sock_lock.release()
+
+    def nudge(self) -> None:
+        """Another thread served what a leading caller (:meth:`serve_until`)
+        waits for: make it look at ``done()`` again."""
+        leader = self._leader
+        if leader is not None and leader != threading.get_ident():
+            self._wake()
 
     def _run(self) -> None:
         ctx = zmq.Context()
@@ -382,60 +478,108 @@ class LeaseClient:
         if self._curve is not None:
             apply_client_curve(sock, self._curve)
         sock.connect(self.url)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        next_beat = time.monotonic() + self.heartbeat
-        backlog = False
+        # edge-triggered: signals arrivals since the last operation on the socket,
+        # which is why every holder of the socket reads until nothing is left
+        waiter = select.poll()
+        waiter.register(descriptor(sock), select.POLLIN)
+        waiter.register(self._wake_r.fileno(), select.POLLIN)
+        leader_waiter = select.poll()  # the same two, for callers that lead
+        leader_waiter.register(descriptor(sock), select.POLLIN)
+        leader_waiter.register(self._wake_r.fileno(), select.POLLIN)
+        pipe_only = select.poll()  # while a caller leads
+        wake_fd = self._wake_r.fileno()
+        pipe_only.register(wake_fd, select.POLLIN)
+        with self._sock_lock:
+            self._sock, self._sock_poll = sock, leader_waiter
+            self._next_beat = time.monotonic() + self.heartbeat
         last = time.monotonic()
+        led = False
         try:
             while True:
-                wait = max(0.0, next_beat - time.monotonic())
-                if backlog:
+                wait = max(0.0, self._next_beat - time.monotonic())
+                if self._backlog:
                     wait = min(wait, 0.1)
+                if led:
+                    # A caller had the socket at our last turn, and reads it: waking
+                    # for each of its arrivals would only contend for the socket.
+                    # Look again after LEAD_FOR, or when poked.
+                    wait = min(wait, LEAD_FOR)
                 before = time.monotonic()
-                events = dict(poller.poll(int(wait * 1000) + 1))
+                events = (pipe_only if led else waiter).poll(wait * 1000.0 + 0.5)
+                poked = any(fd == wake_fd for fd, _ in events)
                 after = time.monotonic()
                 # frozen in poll, or between two polls: leases may have expired
                 stalled = max(after - before - wait, before - last)
                 last = after
                 if stalled > self.heartbeat and self._session.welcomed_gen:
                     self.suspect(stalled)
-                if self._wake_r.fileno() in events:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
-                if sock in events:
-                    while True:
-                        try:
-                            frame = sock.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._on_frame(frame)
-                # after reading: what the answers queued (and releases kept back
-                # while the pool was not contended, if it now is) goes out now
-                with self._lock:
-                    outbox, self._outbox = self._outbox, []
-                    stopping = self._stopping
-                backlog = self._send_all(sock, outbox)
+                # A holder leaves nothing unread, so a busy socket can wait; but a
+                # poke is for us (or the leader, which may have missed it): wait
+                # for the socket rather than leave the pipe full and spin on it.
+                if poked:
+                    self._sock_lock.acquire()
+                    led = False
+                else:
+                    led = not self._sock_lock.acquire(blocking=False)
+                    if led:
+                        continue
+                try:
+                    stopping = self._pump(sock, poked)
+                finally:
+                    self._sock_lock.release()
                 if stopping:
                     break
-                self._retry_unanswered()
-                if time.monotonic() >= next_beat:
-                    try:
-                        sock.send(self._heartbeat_frame(), zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass  # the queue to the broker is full: the next beat will do
-                    next_beat = time.monotonic() + self.heartbeat
         except Exception as exc:
             log.exception("poolbroker client I/O thread for %s died; cutting this process's "
                           "connections and starting over under a new identity", self.url)
+            self._detach(sock)
             self._died(exc)
         finally:
+            self._detach(sock)
             sock.close()  # linger lets the bye go out
             ctx.term()
+
+    def _detach(self, sock: zmq.Socket) -> None:
+        with self._sock_lock:
+            if self._sock is sock:  # not a successor's
+                self._sock = self._sock_poll = None
+
+    def _pump(self, sock: zmq.Socket, poked: bool = True, io_turn: bool = True) -> bool:
+        """One turn with the socket held (``_sock_lock``): read and handle every
+        message, send what is queued, heartbeat when due; leaves nothing unread.
+        ``poked``: the wake pipe has bytes to drain; ``io_turn``: the I/O thread's
+        turn (it also retries what went unanswered). True once the client is
+        stopping (the bye has gone out)."""
+        if poked:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:  # BlockingIOError: drained
+                pass
+        while True:
+            # asking first is cheaper than the exception of an empty recv
+            while readable(sock):
+                self._on_frame(sock.recv(NOBLOCK))
+            # after reading: what the answers queued (and releases kept back
+            # while the pool was not contended, if it now is) goes out now
+            if self._outbox or self._stopping:
+                with self._lock:
+                    outbox, self._outbox = self._outbox, []
+                    stopping = self._stopping
+                self._backlog = self._send_all(sock, outbox)
+                if stopping:
+                    return True
+            if io_turn:
+                self._retry_unanswered()
+            if time.monotonic() >= self._next_beat:
+                try:
+                    sock.send(self._heartbeat_frame(), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the queue to the broker is full: the next beat will do
+                self._next_beat = time.monotonic() + self.heartbeat
+            # sending may have taken the signal of a message that came meanwhile
+            if not readable(sock):
+                return False
 
     def _died(self, exc: BaseException) -> None:
         """The I/O thread is dying: nobody heartbeats for our leases any more, so
@@ -468,6 +612,10 @@ class LeaseClient:
                 with self._lock:
                     self._outbox[:0] = frames[i:]
                 return True
+            except BaseException:
+                with self._lock:
+                    self._outbox[:0] = frames[i:]
+                raise
         return False
 
     def checked_out(self, lease: int, since: float) -> None:
@@ -538,8 +686,7 @@ class LeaseClient:
         pools take their own locks)."""
         for level, message in actions.log:
             log.log(logging.getLevelName(level), "broker %s: %s", self.url, message)
-        if actions.urgent:
-            self._wake()
+        # (what the answer queued, urgent or not, goes out in this same turn)
         if actions.confirmed:
             self.confirmed.set()
         for req, lease, error in answered:

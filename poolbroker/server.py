@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -41,6 +42,7 @@ from .security import (
     is_loopback,
     load_server_keys,
 )
+from .sockets import descriptor, readable
 from .state import StateFile, default_path
 
 log = logging.getLogger("poolbroker")
@@ -305,11 +307,13 @@ class Broker:
                 self.metrics = MetricsServer(self.metrics_bind, self._snapshots.ask)
             if signals:
                 self._install_signals()
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
+            # the sockets' ZMQ_FD are edge-triggered: _step reads each socket until
+            # ZMQ_EVENTS says nothing is left, and the loop polls only then
+            poller = select.poll()
+            poller.register(descriptor(sock), select.POLLIN)
             if admin is not None:
-                poller.register(admin, zmq.POLLIN)
-            poller.register(self._wake_r.fileno(), zmq.POLLIN)
+                poller.register(descriptor(admin), select.POLLIN)
+            poller.register(self._wake_r.fileno(), select.POLLIN)
             pools = ", ".join(f"{n}={pl.max}" for n, pl in self.ledger.pools.items())
             log.info("poolbroker ready on %s: pools %s, lease ttl %.1fs, epoch %s, pid %d, %s; "
                      "%s; administration on %s",
@@ -363,20 +367,24 @@ class Broker:
                 raise AddressInUse(f"{url} is already in use (another broker?): {exc}") from None
             raise
 
-    def _loop(self, poller: zmq.Poller) -> None:
+    def _loop(self, poller: "select.poll") -> None:
         settle = False
+        sources = [(src, admin) for src, admin in ((self._sock, False), (self._admin_sock, True))
+                   if src is not None]
+        due: Optional[float] = None
         while not self._stop:
             now = self.clock.now()
-            deadline = self.ledger.next_deadline()
+            due = self.ledger.next_deadline()
             # wake at least every tick_every: the clock counts longer gaps as lost
-            wait = self.tick_every if deadline is None else \
-                min(self.tick_every, max(0.0, deadline - now))
+            wait = self.tick_every if due is None else \
+                min(self.tick_every, max(0.0, due - now))
             if settle:  # after a gap: let libzmq hand over what queued meanwhile
                 wait = min(wait, 0.05)
-            events = dict(poller.poll(int(wait * 1000) + 1))
+            if not any(readable(src) for src, _ in sources):
+                poller.poll(wait * 1000.0 + 0.5)
             self.clock.now()  # notes a gap now (a freeze in poll), before anything expires
             try:
-                settle = self._step(events)
+                settle = self._step(sources, due)
             except Exception:  # a bug in a timer or the fencer hand-off: log, go on
                 settle = False
                 self.loop_errors += 1
@@ -384,17 +392,17 @@ class Broker:
                     log.exception("error in the broker loop (%d so far); continuing",
                                   self.loop_errors)
 
-    def _step(self, events: Dict[Any, int]) -> bool:
-        """One turn of the loop. True if the broker did not run for a while: then
-        nothing expires in this turn, so that the heartbeats queued meanwhile are
-        read first."""
+    def _step(self, sources: List[Any], due: Optional[float]) -> bool:
+        """One turn of the loop: read what came on each of ``sources`` (socket,
+        is-admin), then expire what is ``due``. True if the broker did not run
+        for a while: then nothing expires in this turn, so that the heartbeats
+        queued meanwhile are read first."""
         sock = self._sock
         assert sock is not None, "run() binds the socket before the loop"
-        if self._wake_r.fileno() in events:
-            try:
-                self._wake_r.recv(4096)
-            except OSError:
-                pass
+        try:
+            self._wake_r.recv(4096)
+        except OSError:  # nothing there (BlockingIOError): the usual case
+            pass
         while self.fencer is not None and not self.fencer.done.empty():
             kind, leases = self.fencer.done.get()
             now = self.clock.now()
@@ -406,14 +414,12 @@ class Broker:
         if self._reload:
             self._reload = False
             self._send(sock, self.reload_config(self.clock.now()))
-        for source, admin in ((sock, False), (self._admin_sock, True)):
-            if source is None or source not in events:
-                continue
+        for source, admin in sources:
             for _ in range(_BATCH):
-                try:
-                    frames = source.recv_multipart(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
+                # asking first costs less than the exception of an empty recv
+                if not readable(source):
                     break
+                frames = source.recv_multipart(zmq.NOBLOCK, copy=True)
                 outs = self._handle(frames, self.clock.now(), admin=admin)
                 if admin:  # its own answer goes back there; grants, recalls to clients
                     self._send(source, [out for out in outs if out[0] == frames[0]])
@@ -426,7 +432,9 @@ class Broker:
                         "extended by it; reading queued heartbeats before expiring anyone",
                         gap)
             return True
-        self._send(sock, self.ledger.tick(self.clock.now()))
+        now = self.clock.now()
+        if due is not None and now >= due:  # nothing else can be due (see next_deadline)
+            self._send(sock, self.ledger.tick(now))
         self._record_state()
         return False
 

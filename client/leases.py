@@ -56,14 +56,18 @@ log = logging.getLogger("poolbroker_client")
 # (the broker's default hold: a server notices a vanished client by TCP keepalive).
 UNCONFIRMED_WATCH = 8000.0
 
-# How long a waiting thread reads the socket itself before leaving it to the I/O
-# thread: a grant from a broker with room comes within a millisecond or two; one
-# that has to wait for a slot comes through the I/O thread (which, like other
-# waiting threads, waits for the socket meanwhile: so this stays short).
-LEAD_FOR = 0.005
+# How long a waiting thread may read the socket itself (it does the I/O thread's
+# whole job meanwhile, heartbeats included, and hands other threads their
+# answers): a grant usually comes long before; a caller still waiting then goes
+# on waiting for its answer from the I/O thread.
+LEAD_FOR = 1.0
 # How long a thread that wants to lead waits for the socket (held by the I/O
 # thread's own turn, or by another leader that will read its answer anyway).
 LEAD_WAIT = 0.0003
+# While callers lead, the I/O thread waits on its pipe only; a leader that leaves
+# pokes it when someone may still need the socket read, else it looks again
+# after this long.
+LED_CHECK = 0.25
 
 Callback = Callable[["LeaseRequest", Optional[int], Optional[BaseException]], None]
 
@@ -163,10 +167,11 @@ class LeaseClient:
         # the socket and what goes with it: whoever holds _sock_lock uses them
         self._sock_lock = threading.Lock()
         self._sock: Optional[zmq.Socket] = None  # set by the I/O thread while it runs
-        self._sock_poll: Optional["select.poll"] = None  # ZMQ_FD and the wake pipe
+        self._sock_poll: Optional[zmq.Poller] = None  # for leaders: socket and wake pipe
         self._next_beat = 0.0
         self._backlog = False  # the queue to the broker was full at the last send
         self._leader: Optional[int] = None  # thread id of a caller reading the socket
+        self._io_aside = False  # the I/O thread found a leader and watches its pipe only
         self.confirmed = threading.Event()  # set while not suspect
         self._direct: Dict[int, float] = {}  # lease() blocks: lease id -> since
         self.confirmed.set()
@@ -411,9 +416,7 @@ class LeaseClient:
             if sock is None:  # the I/O thread is starting (or gone): it sends
                 pending = True
             else:
-                with self._lock:
-                    outbox, self._outbox = self._outbox, []
-                self._backlog = self._send_all(sock, outbox)
+                self._backlog = self._send_all(sock, self._take_outbox()[0])
                 # our send may have taken the socket's signal of an arrival
                 pending = self._backlog or readable(sock)
         except Exception:
@@ -438,8 +441,9 @@ class LeaseClient:
             return
         if not self._sock_lock.acquire(timeout=LEAD_WAIT):
             return
+        failure: Optional[Exception] = None
+        sock, waiter = self._sock, self._sock_poll
         try:
-            sock, waiter = self._sock, self._sock_poll
             if sock is None or waiter is None:
                 return
             self._leader = threading.get_ident()
@@ -447,17 +451,25 @@ class LeaseClient:
             while True:
                 if self._pump(sock, poked, io_turn=False) or done():
                     return
-                left = until - time.monotonic()
+                now = time.monotonic()
+                left = until - now
                 if left <= 0:
                     return
-                poked = any(fd == wake_fd for fd, _ in waiter.poll(left * 1000.0))
-        except Exception:  # the I/O thread meets it too and starts over
-            log.debug("reading the broker's socket from a caller's thread failed",
-                      exc_info=True)
-            self._wake()
+                left = min(left, self._next_beat - now)  # heartbeats are ours to send too
+                poked = any(fd == wake_fd for fd, _ in waiter.poll(int(max(0.0, left) * 1000) + 1))
+        except Exception as exc:  # as if the I/O thread had met it
+            failure = exc
         finally:
             self._leader = None
             self._sock_lock.release()
+        if failure is not None and sock is not None:
+            self._link_failed(sock, failure)
+            return
+        # The I/O thread stood aside (it looks at its pipe only): if answers are
+        # awaited, or pools may be sent recalls, it must watch the socket again.
+        # (It says so before it tries the socket, and we look after letting go.)
+        if self._io_aside and (self._callbacks or len(self._pools)):
+            self._wake()
 
     def nudge(self) -> None:
         """Another thread served what a leading caller (:meth:`serve_until`)
@@ -483,9 +495,12 @@ class LeaseClient:
         waiter = select.poll()
         waiter.register(descriptor(sock), select.POLLIN)
         waiter.register(self._wake_r.fileno(), select.POLLIN)
-        leader_waiter = select.poll()  # the same two, for callers that lead
-        leader_waiter.register(descriptor(sock), select.POLLIN)
-        leader_waiter.register(self._wake_r.fileno(), select.POLLIN)
+        # Callers that lead wait in zmq_poll, which sees through the signals of
+        # libzmq's own housekeeping: on a busy machine those woke a leader
+        # polling ZMQ_FD several times per answer.
+        leader_waiter = zmq.Poller()
+        leader_waiter.register(sock, zmq.POLLIN)
+        leader_waiter.register(self._wake_r.fileno(), zmq.POLLIN)
         pipe_only = select.poll()  # while a caller leads
         wake_fd = self._wake_r.fileno()
         pipe_only.register(wake_fd, select.POLLIN)
@@ -493,19 +508,19 @@ class LeaseClient:
             self._sock, self._sock_poll = sock, leader_waiter
             self._next_beat = time.monotonic() + self.heartbeat
         last = time.monotonic()
-        led = False
+        aside = False
         try:
             while True:
                 wait = max(0.0, self._next_beat - time.monotonic())
                 if self._backlog:
                     wait = min(wait, 0.1)
-                if led:
-                    # A caller had the socket at our last turn, and reads it: waking
-                    # for each of its arrivals would only contend for the socket.
-                    # Look again after LEAD_FOR, or when poked.
-                    wait = min(wait, LEAD_FOR)
+                if aside:
+                    # A caller had the socket at our last turn and reads it (the
+                    # heartbeats too): waking for each of its arrivals would only
+                    # contend for the socket. It pokes us when it lets go.
+                    wait = LED_CHECK
                 before = time.monotonic()
-                events = (pipe_only if led else waiter).poll(wait * 1000.0 + 0.5)
+                events = (pipe_only if aside else waiter).poll(wait * 1000.0 + 0.5)
                 poked = any(fd == wake_fd for fd, _ in events)
                 after = time.monotonic()
                 # frozen in poll, or between two polls: leases may have expired
@@ -513,36 +528,60 @@ class LeaseClient:
                 last = after
                 if stalled > self.heartbeat and self._session.welcomed_gen:
                     self.suspect(stalled)
+                self._io_aside = True  # before trying: see serve_until's end
                 # A holder leaves nothing unread, so a busy socket can wait; but a
                 # poke is for us (or the leader, which may have missed it): wait
                 # for the socket rather than leave the pipe full and spin on it.
                 if poked:
                     self._sock_lock.acquire()
-                    led = False
-                else:
-                    led = not self._sock_lock.acquire(blocking=False)
-                    if led:
-                        continue
+                elif not self._sock_lock.acquire(blocking=False):
+                    aside = True
+                    self._retry_unanswered()  # needs no socket: queues, and pokes
+                    continue
+                aside = self._io_aside = False
                 try:
-                    stopping = self._pump(sock, poked)
+                    # a leader met a failure: this socket is done, a successor has its own
+                    stopping = self._sock is not sock or self._pump(sock, poked)
                 finally:
                     self._sock_lock.release()
                 if stopping:
                     break
         except Exception as exc:
-            log.exception("poolbroker client I/O thread for %s died; cutting this process's "
-                          "connections and starting over under a new identity", self.url)
-            self._detach(sock)
-            self._died(exc)
+            self._link_failed(sock, exc)
         finally:
             self._detach(sock)
             sock.close()  # linger lets the bye go out
             ctx.term()
 
-    def _detach(self, sock: zmq.Socket) -> None:
+    def _take_outbox(self) -> Tuple[List[bytes], bool]:
+        """What to send now (releases not sent yet last), and whether we stop."""
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            frame = self._session.take_releases()
+            if frame is not None:
+                outbox.append(frame)
+            return outbox, self._stopping
+
+    def _link_failed(self, sock: zmq.Socket, exc: Exception) -> None:
+        """Handling the socket failed (on the I/O thread or a leading caller's): a
+        bug, or the socket broke. Give up this link (see :meth:`_died`); the I/O
+        thread closes the socket at its next turn."""
+        info = (type(exc), exc, exc.__traceback__)
+        if not self._detach(sock):  # the other thread holding it got there first
+            log.debug("poolbroker client link to %s: failed again", self.url, exc_info=info)
+            return
+        log.error("poolbroker client link to %s failed; cutting this process's connections "
+                  "and starting over under a new identity", self.url, exc_info=info)
+        self._died(exc)
+        self._wake()
+
+    def _detach(self, sock: zmq.Socket) -> bool:
+        """Stop using ``sock``; False if it was not in use (a successor's is)."""
         with self._sock_lock:
-            if self._sock is sock:  # not a successor's
-                self._sock = self._sock_poll = None
+            if self._sock is not sock:
+                return False
+            self._sock = self._sock_poll = None
+            return True
 
     def _pump(self, sock: zmq.Socket, poked: bool = True, io_turn: bool = True) -> bool:
         """One turn with the socket held (``_sock_lock``): read and handle every
@@ -562,10 +601,8 @@ class LeaseClient:
                 self._on_frame(sock.recv(NOBLOCK))
             # after reading: what the answers queued (and releases kept back
             # while the pool was not contended, if it now is) goes out now
-            if self._outbox or self._stopping:
-                with self._lock:
-                    outbox, self._outbox = self._outbox, []
-                    stopping = self._stopping
+            if self._outbox or self._stopping or self._session.releasing:
+                outbox, stopping = self._take_outbox()
                 self._backlog = self._send_all(sock, outbox)
                 if stopping:
                     return True

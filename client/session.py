@@ -21,7 +21,8 @@ The subtle parts live here, each with its rule:
 * **recall debt.** The broker says how many leases of a pool it wants back; a
   returning connection pays one (:meth:`LeaseSession.take_recall`).
 * **deferred releases.** A release while nobody waits in its pool is not urgent:
-  it goes with the next message.
+  it rides on the next request or heartbeat (their ``released`` field), or goes
+  out with whatever the shell sends next (:meth:`LeaseSession.take_releases`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class LeaseSession:
         self.hello_at = 0.0
         self.seen = 0  # the highest grant seq received from this broker run
         self.last_reply: Optional[float] = None
+        self.releasing: List[int] = []  # released leases not sent yet
 
     # ------------------------------------------------------------- callers
 
@@ -123,6 +125,9 @@ class LeaseSession:
         timeout = min(timeout, p.MAX_TIMEOUT)
         rid = next(self._rids)
         self.requests[rid] = _Request(pool, now + timeout, self.hello_gen)
+        if self.releasing:  # the releases since the last message come along
+            return rid, p.encode("acquire", rid=rid, pool=pool, timeout=timeout,
+                                 released=self._released())
         return rid, p.encode("acquire", rid=rid, pool=pool, timeout=timeout)
 
     def cancel(self, rid: int) -> Optional[bytes]:
@@ -137,8 +142,27 @@ class LeaseSession:
         pool = self._drop(lease)
         if pool is None:
             return Actions()  # lost or released already: the broker does not count it
-        return Actions(send=[p.encode("release", lease=lease)],
-                       urgent=self.contended.get(pool, False) or self.debt.get(pool, 0) > 0)
+        self.releasing.append(lease)
+        if (self.contended.get(pool, False) or self.debt.get(pool, 0) > 0
+                or len(self.releasing) >= p.MAX_RELEASED):
+            frame = self.take_releases()
+            assert frame is not None
+            return Actions(send=[frame], urgent=True)
+        return Actions()
+
+    def take_releases(self) -> Optional[bytes]:
+        """The releases not sent yet, as one frame (None if there are none)."""
+        if not self.releasing:
+            return None
+        first, *rest = self._released()
+        if rest:
+            return p.encode("release", lease=first, released=rest)
+        return p.encode("release", lease=first)
+
+    def _released(self) -> List[int]:
+        taken = self.releasing[:p.MAX_RELEASED]
+        del self.releasing[:p.MAX_RELEASED]
+        return taken
 
     def release_unconfirmed(self, lease: int) -> Optional[bytes]:
         """Give ``lease`` back before the server was seen to close its connection:
@@ -235,6 +259,8 @@ class LeaseSession:
             held = [[lease, secs] for lease, secs in busy.items() if lease in self.leases]
             if held:
                 fields["busy"] = held[:p.MAX_LIST_ITEMS]
+        if self.releasing:
+            fields["released"] = self._released()
         return p.encode("heartbeat", **fields)
 
     def died(self) -> Tuple[List[int], Set[int]]:
@@ -247,6 +273,7 @@ class LeaseSession:
         self.leases.clear()
         self.connected.clear()
         self.held = []
+        self.releasing = []  # the broker drops what this identity held
         self.debt.clear()
         self.contended.clear()
         self.suspect = False

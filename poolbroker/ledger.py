@@ -509,6 +509,17 @@ class Ledger:
         self._drop_lease(client, held, now)
         return self._rebalance(held.pool, now)
 
+    def release_all(self, cid: ClientId, leases: List[int], now: float) -> List[Out]:
+        """Releases that came with another message (its ``released`` field): as
+        many plain :meth:`release` calls; nothing if the client is unknown (the
+        message they came with gets that answer)."""
+        if cid not in self.clients:
+            return []
+        outs: List[Out] = []
+        for lease in leases:
+            outs += self.release(cid, lease=lease, now=now)
+        return outs
+
     def _hold_unconfirmed(self, client: Client, lease: Lease, now: float) -> List[Out]:
         self._orphan(client, lease, now)
         if self.fence:

@@ -15,6 +15,10 @@ cancel      ``rid`` int: nobody waits for that request any more
 release     ``lease`` int: the connection is closed and the server saw it go;
             optional ``unconfirmed`` true: closed, but the server was not seen to
             close it (the broker keeps counting the slot until a plain release)
+released    (a field, not an op) optional on ``acquire``, ``heartbeat`` and
+            ``release``: list of lease ids given back as by as many plain
+            releases, handled before the message itself (a release costs no
+            message of its own)
 connected   ``lease`` int, ``backend_pid`` int, optional ``user`` and ``db`` (the
             session's role and database): for audit and fencing
 heartbeat   ``idle`` map pool -> int, ``leases`` list of int (every lease the
@@ -215,13 +219,19 @@ OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     # client that does not say gets one every time, as before)
     # busy: the leases whose connections are checked out, and for how long
     "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint, "ack": _bool,
-                  "busy": _busy_pairs},
+                  "busy": _busy_pairs, "released": _uint_list},
+    "acquire": {"released": _uint_list},
     # leases: also list every lease and waiter (poolbroker clients)
     "status": {"leases": _bool},
-    "release": {"unconfirmed": _bool},
+    "release": {"unconfirmed": _bool, "released": _uint_list},
     "grant": {"seq": _uint},  # broker -> client
     "recall": {"contended": _bool},  # broker -> client
 }
+
+#: The ops whose ``released`` field is honoured (validated in OPTIONAL_FIELDS).
+CARRY_RELEASES = frozenset({"acquire", "heartbeat", "release"})
+#: At most this many lease ids in one ``released`` field (within MAX_LIST_ITEMS).
+MAX_RELEASED = 1000
 
 BROKER_OPS: dict[str, dict[str, Any]] = {
     "welcome": {"epoch": _text, "ttl": _num, "heartbeat": _num, "rejected": _uint_list},

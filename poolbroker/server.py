@@ -195,6 +195,8 @@ class Broker:
         self.metrics_bind = metrics_bind
         self.metrics: Optional[MetricsServer] = None
         self._snapshots = SnapshotExchange(self._poke)
+        # socket -> it said no message waits, and was not used since (see _has_news)
+        self._quiet: Dict[Any, bool] = {}
         self._started = time.monotonic()
 
     def stop(self) -> None:
@@ -371,6 +373,9 @@ class Broker:
         settle = False
         sources = [(src, admin) for src, admin in ((self._sock, False), (self._admin_sock, True))
                    if src is not None]
+        by_fd = {descriptor(src): src for src, _ in sources}
+        wake_fd = self._wake_r.fileno()
+        self._quiet = {src: False for src, _ in sources}
         due: Optional[float] = None
         while not self._stop:
             now = self.clock.now()
@@ -380,11 +385,16 @@ class Broker:
                 min(self.tick_every, max(0.0, due - now))
             if settle:  # after a gap: let libzmq hand over what queued meanwhile
                 wait = min(wait, 0.05)
-            if not any(readable(src) for src, _ in sources):
-                poller.poll(wait * 1000.0 + 0.5)
+            poked = False
+            if not any(self._has_news(src) for src, _ in sources):
+                for fd, _ in poller.poll(wait * 1000.0 + 0.5):
+                    if fd == wake_fd:
+                        poked = True
+                    else:
+                        self._quiet[by_fd[fd]] = False
             self.clock.now()  # notes a gap now (a freeze in poll), before anything expires
             try:
-                settle = self._step(sources, due)
+                settle = self._step(sources, due, poked)
             except Exception:  # a bug in a timer or the fencer hand-off: log, go on
                 settle = False
                 self.loop_errors += 1
@@ -392,17 +402,27 @@ class Broker:
                     log.exception("error in the broker loop (%d so far); continuing",
                                   self.loop_errors)
 
-    def _step(self, sources: List[Any], due: Optional[float]) -> bool:
+    def _has_news(self, sock: zmq.Socket) -> bool:
+        """True if a message waits on ``sock``; asks the socket only if it was
+        used since it last said no (asking costs a few microseconds)."""
+        if self._quiet[sock]:
+            return False
+        news = readable(sock)
+        self._quiet[sock] = not news
+        return news
+
+    def _step(self, sources: List[Any], due: Optional[float], poked: bool = True) -> bool:
         """One turn of the loop: read what came on each of ``sources`` (socket,
         is-admin), then expire what is ``due``. True if the broker did not run
         for a while: then nothing expires in this turn, so that the heartbeats
-        queued meanwhile are read first."""
+        queued meanwhile are read first. ``poked``: the wake pipe has bytes."""
         sock = self._sock
         assert sock is not None, "run() binds the socket before the loop"
-        try:
-            self._wake_r.recv(4096)
-        except OSError:  # nothing there (BlockingIOError): the usual case
-            pass
+        if poked:
+            try:
+                self._wake_r.recv(4096)
+            except OSError:
+                pass
         while self.fencer is not None and not self.fencer.done.empty():
             kind, leases = self.fencer.done.get()
             now = self.clock.now()
@@ -417,7 +437,7 @@ class Broker:
         for source, admin in sources:
             for _ in range(_BATCH):
                 # asking first costs less than the exception of an empty recv
-                if not readable(source):
+                if not self._has_news(source):
                     break
                 frames = source.recv_multipart(zmq.NOBLOCK, copy=True)
                 outs = self._handle(frames, self.clock.now(), admin=admin)
@@ -439,6 +459,8 @@ class Broker:
         return False
 
     def _send(self, sock: zmq.Socket, outs: List[Out]) -> None:
+        if outs:  # sending may take the signal of an arrival: ask again
+            self._quiet[sock] = False
         for cid, op, fields in outs:
             if op == "fence":  # for our fencer, not for a peer
                 assert self.fencer is not None
@@ -493,6 +515,11 @@ class Broker:
                   admin: bool = False) -> List[Out]:
         op = msg["op"]
         ledger = self.ledger
+        released = msg.get("released") if op in p.CARRY_RELEASES else None
+        if released:  # releases that came along: first, as if sent before
+            outs = ledger.release_all(cid, released, now)
+            del msg["released"]
+            return outs + self._dispatch(cid, msg, now, admin)
         if op == "acquire":
             return ledger.acquire(cid, rid=msg["rid"], pool=msg["pool"],
                                   timeout=float(msg["timeout"]), now=now)

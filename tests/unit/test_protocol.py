@@ -142,3 +142,13 @@ def test_a_heartbeat_with_a_malformed_busy_list_is_refused(busy):
     frame = p.encode("heartbeat", idle={}, leases=[1], busy=busy)
     with pytest.raises(p.ProtocolError):
         p.decode(frame)
+
+
+@pytest.mark.parametrize("op,fields", [("acquire", {"rid": 1, "pool": "p", "timeout": 1.0}),
+                                       ("release", {"lease": 1}),
+                                       ("heartbeat", {"idle": {}, "leases": []})])
+def test_released_is_a_list_of_lease_ids_where_it_is_honoured(op, fields):
+    assert p.decode(p.encode(op, released=[1, 2**62], **fields))["released"] == [1, 2**62]
+    for bad in ([-1], ["x"], [True], 3, [[1]], list(range(p.MAX_LIST_ITEMS + 1))):
+        with pytest.raises(p.ProtocolError):
+            p.decode(p.encode(op, released=bad, **fields))

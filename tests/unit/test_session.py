@@ -139,6 +139,40 @@ def test_recall_debt_and_urgent_releases():
     assert s.release(2).urgent  # others wait: send it now
 
 
+def test_a_release_rides_on_the_next_request_or_heartbeat():
+    """A lease costs one message: a release nobody waits for is not sent on its
+    own but in the next acquire's (or heartbeat's) ``released`` field."""
+    s = welcomed()
+    rid, _ = s.acquire("default", 5.0, 0.0)
+    s.on_message(grant(rid, 7), 0.1)
+    assert s.release(7).send == []
+    _, frame = s.acquire("default", 5.0, 0.2)
+    assert decode([frame])[0]["released"] == [7]
+    _, frame = s.acquire("default", 5.0, 0.3)
+    assert "released" not in decode([frame])[0]  # sent once
+    rid, _ = s.acquire("default", 5.0, 0.0)
+    s.on_message(grant(rid, 8), 0.4)
+    s.release(8)
+    assert decode([s.heartbeat_frame({}, 0.5)])[0]["released"] == [8]
+    assert s.take_releases() is None
+
+
+def test_an_urgent_release_takes_the_waiting_ones_along():
+    s = welcomed()
+    for lease in (1, 2, 3):
+        rid, _ = s.acquire("default", 5.0, 0.0)
+        s.on_message(grant(rid, lease), 0.1)
+    s.release(1)
+    s.release(2)
+    s.on_message({"op": "recall", "pool": "default", "count": 0, "contended": True}, 0.3)
+    acts = s.release(3)
+    assert acts.urgent
+    (msg,) = decode(acts.send)
+    assert {msg["lease"], *msg["released"]} == {1, 2, 3}
+    assert s.take_releases() is None
+    assert s.died() and s.releasing == []
+
+
 def test_contention_is_forgotten_when_the_broker_falls_silent():
     """A broker stopped while its pool was contended never says it is over: once
     it has been silent past the quiet limit, idle connections are kept (given

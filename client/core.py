@@ -301,7 +301,10 @@ class PoolCore(Generic[CT]):
         got = self.checkout(start, timeout)
         if not isinstance(got, Waiter):
             return got
-        if got.req is not None or self._reqs:  # a grant may serve it: read it here
+        # Only a grant can serve it (no connection of ours is out to come back):
+        # read the broker's answer on this thread. Not while other threads use
+        # connections: a hand-over would have to interrupt us, for nothing.
+        if self._reqs and len(self._idle) == len(self._all):
             client = self._lease_client()
             got.nudge = client.nudge
             client.serve_until(got.event.is_set, got.deadline)

@@ -215,9 +215,13 @@ class LeaseClient:
         """False in a forked child: the client belongs to the parent."""
         return self._pid == os.getpid()
 
-    def acquire(self, pool: str, timeout: float, callback: Callback) -> LeaseRequest:
+    def acquire(self, pool: str, timeout: float, callback: Callback, *,
+                lead: bool = False) -> LeaseRequest:
         """Ask for a lease in ``pool``; ``callback(req, lease, error)`` runs on the
-        I/O thread when the broker answers, unless :meth:`cancel` wins first."""
+        I/O thread (or a leading caller's, see :meth:`serve_until`) when the broker
+        answers, unless :meth:`cancel` wins first. ``lead``: the caller calls
+        :meth:`serve_until` next, which sends the request (else the I/O thread
+        is woken to send it: cheap enough to do under a pool's lock)."""
         with self._lock:
             self._ensure_started()
             now = time.monotonic()
@@ -225,7 +229,8 @@ class LeaseClient:
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
             self._callbacks[rid] = req
             self._outbox.append(frame)
-        self._flush()
+        if not lead:
+            self._wake()
         return req
 
     def cancel(self, req: LeaseRequest) -> bool:
@@ -237,7 +242,7 @@ class LeaseClient:
                 return False
             self._callbacks.pop(req.rid, None)
             self._outbox.append(frame)
-        self._flush()
+        self._wake()
         return True
 
     def release(self, lease: int) -> None:
@@ -252,7 +257,7 @@ class LeaseClient:
             actions = self._session.release(lease)
             self._outbox += actions.send
         if actions.urgent:
-            self._flush()
+            self._wake()
 
     def release_unconfirmed(self, lease: int, fd: int) -> None:
         """Give ``lease`` back although the server was not seen to close its
@@ -401,32 +406,7 @@ class LeaseClient:
     def _send_soon(self, frame: bytes) -> None:
         with self._lock:
             self._outbox.append(frame)
-        self._flush()
-
-    def _flush(self) -> None:
-        """Send what is queued from this thread if the socket is free at once
-        (callers may hold their pool's lock here: never wait for the socket, and
-        never read it: reading runs callbacks that take pool locks); else, or if
-        something arrived meanwhile, the I/O thread does it."""
-        if not self._sock_lock.acquire(blocking=False):
-            self._wake()
-            return
-        try:
-            sock = self._sock
-            if sock is None:  # the I/O thread is starting (or gone): it sends
-                pending = True
-            else:
-                self._backlog = self._send_all(sock, self._take_outbox()[0])
-                # our send may have taken the socket's signal of an arrival
-                pending = self._backlog or readable(sock)
-        except Exception:
-            log.debug("sending from a caller's thread failed; the I/O thread will",
-                      exc_info=True)
-            pending = True
-        finally:
-            self._sock_lock.release()
-        if pending:
-            self._wake()
+        self._wake()
 
     def serve_until(self, done: Callable[[], bool], until: float) -> None:
         """Read the broker's messages on this thread until ``done()`` or
@@ -435,16 +415,20 @@ class LeaseClient:
         through the I/O thread. Call it holding no lock a callback could take
         (callbacks run here), never from the I/O thread or an event loop. A
         caller's own ``done`` may be set by another thread meanwhile: that thread
-        calls :meth:`nudge`. Returns early (doing nothing) if the socket is busy."""
+        calls :meth:`nudge`. If the socket is busy it only wakes the I/O thread
+        (to send what :meth:`acquire` queued with ``lead=True``)."""
         until = min(until, time.monotonic() + LEAD_FOR)
         if threading.current_thread() is self._thread or done():
+            self._wake()
             return
         if not self._sock_lock.acquire(timeout=LEAD_WAIT):
+            self._wake()  # what the caller queued (acquire(lead=True)) must go out
             return
         failure: Optional[Exception] = None
         sock, waiter = self._sock, self._sock_poll
         try:
-            if sock is None or waiter is None:
+            if sock is None or waiter is None:  # starting, or starting over
+                self._wake()
                 return
             self._leader = threading.get_ident()
             wake_fd, poked = self._wake_r.fileno(), False

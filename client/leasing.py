@@ -126,8 +126,8 @@ def lease(pool: Optional[str] = None, *, broker: Optional[str] = None,
         answer.append((lease_id, error))
         done.set()
 
-    req = client.acquire(pool, timeout, on_answer)
-    client.serve_until(done.is_set, time.monotonic() + timeout)  # the grant wakes us here
+    req = client.acquire(pool, timeout, on_answer, lead=True)
+    client.serve_until(done.is_set, time.monotonic() + timeout)  # sent, and answered, here
     if not done.wait(timeout) and client.cancel(req):
         raise PoolTimeout(f"no lease in pool {pool!r} after {timeout:g}s "
                           f"({client.describe_broker()})")

@@ -105,16 +105,17 @@ class Waiter:
     block) once it is served; by default it sets ``event``."""
 
     __slots__ = ("event", "wake", "deadline", "done", "conn", "lease", "error", "req",
-                 "warm", "granted_at", "nudge")
+                 "warm", "granted_at", "nudge", "thread")
 
     def __init__(self, deadline: float, warm: bool = False,
                  wake: Optional[Callable[[], None]] = None) -> None:
         self.warm = warm  # opened by the janitor for min_size, not by a caller
         self.event = threading.Event()
         self.wake: Callable[[], None] = wake or self._set
-        # set while its caller reads the broker's socket (LeaseClient.serve_until):
+        # set while its caller may read the broker's socket (LeaseClient.serve_until):
         # a connection handed over by another thread must interrupt that
-        self.nudge: Optional[Callable[[], None]] = None
+        self.nudge: Optional[Callable[[int], None]] = None
+        self.thread = threading.get_ident()  # whose wait it is
         self.deadline = deadline
         self.done = False
         self.conn: Optional[_Conn] = None
@@ -127,7 +128,7 @@ class Waiter:
         self.event.set()
         nudge = self.nudge  # read after the set: see LeaseClient.serve_until
         if nudge is not None:
-            nudge()
+            nudge(self.thread)
 
 
 class PoolCore(Generic[CT]):
@@ -298,16 +299,14 @@ class PoolCore(Generic[CT]):
         start = time.monotonic()
         if timeout is None:
             timeout = self.timeout
-        got = self.checkout(start, timeout)
+        got = self.checkout(start, timeout, lead=True)
         if not isinstance(got, Waiter):
             return got
-        # Only a grant can serve it (no connection of ours is out to come back):
-        # read the broker's answer on this thread. Not while other threads use
-        # connections: a hand-over would have to interrupt us, for nothing.
-        if self._reqs and len(self._idle) == len(self._all):
-            client = self._lease_client()
-            got.nudge = client.nudge
-            client.serve_until(got.event.is_set, got.deadline)
+        # read the broker's answer on this thread (and send what checkout asked);
+        # a connection handed over meanwhile interrupts that
+        client = self._lease_client()
+        got.nudge = client.nudge
+        client.serve_until(got.event.is_set, got.deadline)
         got.event.wait(max(0.0, got.deadline - start))
         handed, lease = self.finish_wait(got, start, timeout)
         if lease is None:
@@ -441,7 +440,7 @@ class PoolCore(Generic[CT]):
         """Callers waiting for a connection that have no lease yet."""
         return sum(1 for w in self._waiting if not w.done)
 
-    def _grow_locked(self) -> None:
+    def _grow_locked(self, lead: bool = False) -> None:
         """Ask the broker for as many leases as callers wait for, as the local cap
         allows."""
         if self._closed:
@@ -461,7 +460,7 @@ class PoolCore(Generic[CT]):
             if self._capacity_left() <= 0:
                 return
             self._pending += 1
-            req = client.acquire(self._broker_pool, left, self._on_lease)
+            req = client.acquire(self._broker_pool, left, self._on_lease, lead=lead)
             self._reqs[req.rid] = req
 
     def _trim_locked(self) -> None:
@@ -532,9 +531,12 @@ class PoolCore(Generic[CT]):
     # the async pool's own connect followed by adopt and add_opened).
 
     def checkout(self, start: float, timeout: float,
-                 wake: Optional[Callable[[], None]] = None) -> Union[CT, Waiter]:
+                 wake: Optional[Callable[[], None]] = None,
+                 lead: bool = False) -> Union[CT, Waiter]:
         """An idle connection (marked in use), or a :class:`Waiter` queued for
-        one (``wake`` is called when it is served). Never blocks.
+        one (``wake`` is called when it is served). Never blocks. ``lead``: the
+        caller calls :meth:`LeaseClient.serve_until` next, which sends the lease
+        requests made here (see :meth:`LeaseClient.acquire`).
         :class:`PoolClosed` if closed, :class:`TooManyRequests` if
         ``max_waiting`` callers wait already."""
         with self._lock:
@@ -556,7 +558,7 @@ class PoolCore(Generic[CT]):
             waiter = Waiter(start + timeout, wake=wake)
             self._waiting.append(waiter)
             self._stats["requests_queued"] += 1
-            self._grow_locked()
+            self._grow_locked(lead)
         return waiter
 
     def finish_wait(self, w: Waiter, start: float,

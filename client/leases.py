@@ -403,6 +403,11 @@ class LeaseClient:
         except (BlockingIOError, OSError):
             pass  # the pipe is full: the I/O thread is awake anyway
 
+    def _wake_if_queued(self) -> None:
+        # what a caller queued to send itself (acquire(lead=True)) must go out
+        if self._outbox or self._session.releasing:
+            self._wake()
+
     def _send_soon(self, frame: bytes) -> None:
         with self._lock:
             self._outbox.append(frame)
@@ -418,17 +423,18 @@ class LeaseClient:
         calls :meth:`nudge`. If the socket is busy it only wakes the I/O thread
         (to send what :meth:`acquire` queued with ``lead=True``)."""
         until = min(until, time.monotonic() + LEAD_FOR)
-        if threading.current_thread() is self._thread or done():
-            self._wake()
+        # someone else leads (and hands us our answer): no waiting for the socket
+        if threading.current_thread() is self._thread or done() or self._leader is not None:
+            self._wake_if_queued()
             return
         if not self._sock_lock.acquire(timeout=LEAD_WAIT):
-            self._wake()  # what the caller queued (acquire(lead=True)) must go out
+            self._wake_if_queued()
             return
         failure: Optional[Exception] = None
         sock, waiter = self._sock, self._sock_poll
         try:
             if sock is None or waiter is None:  # starting, or starting over
-                self._wake()
+                self._wake_if_queued()
                 return
             self._leader = threading.get_ident()
             wake_fd, poked = self._wake_r.fileno(), False
@@ -455,11 +461,17 @@ class LeaseClient:
         if self._io_aside and (self._callbacks or len(self._pools)):
             self._wake()
 
-    def nudge(self) -> None:
-        """Another thread served what a leading caller (:meth:`serve_until`)
-        waits for: make it look at ``done()`` again."""
-        leader = self._leader
-        if leader is not None and leader != threading.get_ident():
+    @property
+    def leader(self) -> Optional[int]:
+        """The id (``threading.get_ident()``) of the caller reading the socket
+        now (:meth:`serve_until`); None while the I/O thread does."""
+        return self._leader
+
+    def nudge(self, waiter: int) -> None:
+        """Another thread served what the thread ``waiter`` (an id from
+        ``threading.get_ident()``) waits for: if that thread is reading the
+        socket (:meth:`serve_until`), make it look at ``done()`` again."""
+        if self._leader == waiter != threading.get_ident():
             self._wake()
 
     def _run(self) -> None:

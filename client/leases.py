@@ -249,10 +249,11 @@ class LeaseClient:
         """Give ``lease`` back. Only call this once the server has seen the
         connection close (see :mod:`poolbroker_client.closing`).
 
-        While nobody waits in its pool the release is not worth a wake-up of the
-        I/O thread: it goes with the next message (a request, a heartbeat, or
-        the answer to the broker telling us the pool became contended). Until
-        then the broker counts the slot: late, never over the budget."""
+        While nobody waits in its pool the release is not worth a message of its
+        own: it rides on the next request or heartbeat, or goes with whatever is
+        sent next (the answer to the broker telling us the pool became
+        contended, for one). Until then the broker counts the slot: late, never
+        over the budget."""
         with self._lock:
             actions = self._session.release(lease)
             self._outbox += actions.send

@@ -9,7 +9,7 @@ A lease should cost one round trip, not four thread hand-offs, so the ZeroMQ
 DEALER socket is shared under a lock (ZeroMQ sockets are not thread-safe, but may
 pass between threads behind a full memory barrier). A thread that asks for a
 lease sends its request itself when the socket is free, and while it waits it
-may *lead*: read the socket on its own thread for a few milliseconds
+may *lead*: read the socket on its own thread, for up to :data:`LEAD_FOR`
 (:meth:`LeaseClient.serve_until`), so that the grant wakes it directly. Whoever
 holds the socket does everything the I/O thread would (reads and dispatches every
 message in order, sends what is queued, heartbeats when due) and leaves nothing

@@ -1120,16 +1120,48 @@ class PoolCore(Generic[CT]):
         waits, never asks the broker. Counted as a request unless told not to
         (a drop-in checking its idle connections)."""
         with self._lock:
-            if self._idle and not self._closed:
-                c = self._idle.pop()
-                now = time.monotonic()
-                c.check_out(now)
-                if count_request:
-                    self._stats["requests_num"] += 1
-                    if self._returns:
-                        self._note_reuse_locked(now)
-                return c.conn
+            return self.take_idle_locked(count_request)
+
+    @property
+    def lock(self) -> "threading.Lock":
+        """The pool's lock. A drop-in that keeps books of its own may keep them
+        under it and call the ``*_locked`` methods while holding it (one lock per
+        get and put instead of two); nothing else may be called while holding it."""
+        return self._lock
+
+    def take_idle_locked(self, count_request: bool = True) -> Optional[CT]:
+        """:meth:`take_idle`, with :attr:`lock` held by the caller."""
+        if self._idle and not self._closed:
+            c = self._idle.pop()
+            now = time.monotonic()
+            c.check_out(now)
+            if count_request:
+                self._stats["requests_num"] += 1
+                if self._returns:
+                    self._note_reuse_locked(now)
+            return c.conn
         return None
+
+    def keep_locked(self, conn: CT) -> bool:
+        """With :attr:`lock` held: put ``conn`` back among the idle connections if
+        that is all :meth:`putconn` would do (a clean connection of this open
+        pool, nobody waiting, nothing owed to the broker). False if it did
+        nothing: then call :meth:`putconn` once the lock is released."""
+        c = self._all.get(id(conn))
+        client = self._client
+        if (c is None or c.conn is not conn or not c.in_use or self._waiting or self._closed
+                or client is None or self._reset is not None or c.created <= self._drained_at
+                or not self.connector.is_idle(conn)
+                or not client.keeps(self._broker_pool, c.lease)):
+            return False
+        t = time.monotonic()
+        if t >= c.expires:
+            return False
+        c.in_use = False
+        c.returned = t
+        self._idle.append(c)
+        self._returns.append(t)
+        return True
 
     def count(self, stat: str, value: float = 1) -> None:
         """Add ``value`` to the counter ``stat`` of :meth:`get_stats` (e.g. a drop-in's

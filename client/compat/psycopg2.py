@@ -69,8 +69,6 @@ class AbstractConnectionPool(Configured):
         dsn, connect_kwargs, options = split_connect_args(args, kwargs)
         self._args = args
         self._kwargs = {k: v for k, v in kwargs.items() if k not in POOL_KEYWORDS}
-        self._lock = threading.Lock()
-        self._filled = threading.Condition(self._lock)  # a key being fetched is filled
         self._used: Dict[Hashable, Any] = {}
         self._rused: Dict[int, Hashable] = {}
         self._keys = 0
@@ -81,6 +79,9 @@ class AbstractConnectionPool(Configured):
             timeout=float(options.get("timeout", 30.0)),
             broker=options.get("broker"), pool=options.get("pool"),
             name=f"{type(self).__name__}-{id(self):x}")
+        # our books are kept under the leased pool's lock: one lock per get and put
+        self._lock = self._leased.lock
+        self._filled = threading.Condition(self._lock)  # a key being fetched is filled
         # like psycopg2.pool, open minconn now: a bad DSN fails the constructor;
         # if the budget is full, the rest are opened on demand
         self._leased.prefill(self.minconn)
@@ -109,7 +110,7 @@ class AbstractConnectionPool(Configured):
                 return self._used[key]
             if len(self._used) >= self.maxconn:
                 raise PoolError("connection pool exhausted")
-            conn = self._leased.take_idle()  # the hot path: no waiting, no broker
+            conn = self._leased.take_idle_locked()  # the hot path: no waiting, no broker
             if conn is not None:
                 self._used[key] = conn
                 self._rused[id(conn)] = key
@@ -144,6 +145,8 @@ class AbstractConnectionPool(Configured):
                     raise PoolError("trying to put unkeyed connection")
             self._used.pop(key, None)
             self._rused.pop(id(conn), None)
+            if not close and self._leased.keep_locked(conn):  # the hot path
+                return
         if close:  # closed before we return, like psycopg2's pools
             self._leased.discard(conn, "putconn(close=True)", now=True)
         else:

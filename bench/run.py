@@ -7,8 +7,8 @@
 - cold path: lease + connect vs a bare ``psycopg2.connect``;
 - a raw pyzmq DEALER/ROUTER msgpack round trip (the floor of one broker exchange).
 
-Each figure is the median of several rounds. This is not a test: nothing here
-asserts a time.
+Each figure is the median of several rounds; the hot path's subjects take their
+rounds in turn. This is not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -64,16 +64,27 @@ def start_broker(url: str, budget: int, *, extra: Sequence[str] = (),
                 raise RuntimeError(f"the broker did not start on {url}") from None
 
 
+def interleaved(subjects: Dict[str, Callable[[], None]], n: int,
+                rounds: int) -> Dict[str, float]:
+    """:func:`per_op` for several subjects, their rounds taken in turn (A B C A B
+    C ...), so that a slow spell of the machine falls on all of them alike
+    rather than on whichever ran then."""
+    times: Dict[str, list] = {name: [] for name in subjects}
+    for _ in range(rounds):
+        for name, fn in subjects.items():
+            times[name].append(per_op(fn, n, 1))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def bench_hot(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
-    out: Dict[str, float] = {}
+    from poolbroker_client.compat import psycopg2 as compat
+
+    subjects: Dict[str, Callable[[], None]] = {}
     simple = psycopg2.pool.SimpleConnectionPool(1, 1, dsn)
-    out["psycopg2.pool Simple get+put"] = per_op(
-        lambda: simple.putconn(simple.getconn()), n, rounds)
-    simple.closeall()
+    subjects["psycopg2.pool Simple get+put"] = lambda: simple.putconn(simple.getconn())
     threaded = psycopg2.pool.ThreadedConnectionPool(1, 1, dsn)
-    out["psycopg2.pool Threaded get+put"] = per_op(
-        lambda: threaded.putconn(threaded.getconn()), n, rounds)
-    threaded.closeall()
+    subjects["psycopg2.pool Threaded get+put"] = lambda: threaded.putconn(threaded.getconn())
+    ppool = None
     try:
         import psycopg_pool
 
@@ -84,27 +95,29 @@ def bench_hot(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
             with ppool.connection():
                 pass
 
-        out["psycopg_pool connection()"] = per_op(pp_conn, n, rounds)
-        ppool.close()
+        subjects["psycopg_pool connection()"] = pp_conn
     except ImportError:
         print("psycopg_pool not installed: its anchor is skipped", file=sys.stderr)
-    from poolbroker_client.compat import psycopg2 as compat
-
     dropin = compat.ThreadedConnectionPool(1, 1, dsn, broker=url)
-    out["poolbroker compat Threaded get+put"] = per_op(
-        lambda: dropin.putconn(dropin.getconn()), n, rounds)
-    dropin.closeall()
+    subjects["poolbroker compat Threaded get+put"] = lambda: dropin.putconn(dropin.getconn())
     pool = ConnectionPool(dsn, broker=url, max_size=1)
     pool.putconn(pool.getconn())  # warm: one idle leased connection
-    out["poolbroker getconn+putconn"] = per_op(lambda: pool.putconn(pool.getconn()), n, rounds)
+    subjects["poolbroker getconn+putconn"] = lambda: pool.putconn(pool.getconn())
 
     def pb_conn() -> None:
         with pool.connection():
             pass
 
-    out["poolbroker connection()"] = per_op(pb_conn, n, rounds)
-    pool.close()
-    return out
+    subjects["poolbroker connection()"] = pb_conn
+    try:
+        return interleaved(subjects, n, rounds)
+    finally:
+        simple.closeall()
+        threaded.closeall()
+        if ppool is not None:
+            ppool.close()
+        dropin.closeall()
+        pool.close()
 
 
 def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:

@@ -328,8 +328,11 @@ class PoolCore(Generic[CT]):
                 now: bool = False) -> None:
         """putconn(), or with ``discard`` (reason, kind) close it instead of keeping
         it (``now``: in this thread, else the janitor's)."""
-        client = self._client
         with self._lock:
+            # the common case, under the same lock: a clean connection back to
+            # an open pool, nobody waiting, nothing owed to the broker
+            if not discard and self.keep_locked(conn):
+                return
             c = self._all.get(id(conn))
             if c is None or c.conn is not conn:
                 raise PoolError(f"can't return connection to pool {self.name!r}, "
@@ -337,18 +340,6 @@ class PoolCore(Generic[CT]):
             if not c.in_use:
                 raise PoolError(f"{self.name}: connection returned twice")
             c.in_use = False
-            # the common case, under the same lock: a clean connection back to
-            # an open pool, nobody waiting, nothing owed to the broker
-            if not (discard or self._waiting or self._closed or client is None
-                    or self._reset is not None or c.created <= self._drained_at
-                    or not self.connector.is_idle(conn)
-                    or not client.keeps(self._broker_pool, c.lease)):
-                t = time.monotonic()
-                if t < c.expires:
-                    c.returned = t
-                    self._idle.append(c)
-                    self._returns.append(t)
-                    return
         if discard:
             self._discard(c, *discard, now=now)
             return

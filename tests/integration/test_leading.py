@@ -14,6 +14,14 @@ from poolbroker_client.leases import LeaseClient
 from helpers import new_tag, tagged
 
 
+def wait_until_leading(client: LeaseClient, thread: threading.Thread) -> None:
+    """Wait (at most 10 s) until ``thread`` reads the broker's socket."""
+    deadline = time.monotonic() + 10
+    while client.leader is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.leader == thread.ident
+
+
 @pytest.fixture
 def long_leads(monkeypatch):
     monkeypatch.setattr(leases, "LEAD_FOR", 60.0)
@@ -36,10 +44,7 @@ def test_a_connection_handed_to_a_leading_waiter_interrupts_its_read(pg, broker_
         got = []
         waiter = threading.Thread(target=lambda: got.append(pool.getconn()))
         waiter.start()
-        deadline = time.monotonic() + 10
-        while client.leader is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert client.leader == waiter.ident
+        wait_until_leading(client, waiter)
         pool.putconn(held)  # handed over: the waiter must not read on until LEAD_FOR
         waiter.join(20)
         assert not waiter.is_alive() and got == [held]
@@ -61,10 +66,7 @@ def test_a_leading_waiter_keeps_the_process_heartbeating(pg, broker_factory, lon
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        deadline = time.monotonic() + 10
-        while client.leader is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert client.leader == waiter.ident  # leading, for 3.5 s = 3.5 TTLs
+        wait_until_leading(client, waiter)  # for 3.5 s = 3.5 TTLs
         waiter.join(20)
         assert len(errors) == 1
         # had nobody heartbeaten meanwhile, the broker would have expired us and

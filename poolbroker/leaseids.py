@@ -3,22 +3,25 @@
 After a restart the broker re-adopts the leases clients re-announce (their
 connections are real). It must not adopt ids nobody granted: a peer listing
 thousands of made-up ids would fill the budget, and stop every grant. So an id
-carries a MAC: ``id = seq << 32 | HMAC-SHA256(key, seq, pool)[:4]``, with ``seq`` a
-counter below 2**31 (so ids stay below 2**63, as the protocol requires). The key
-lives in the broker's state file, so the next run of the same broker can verify
-what the previous one issued; a guess is right once in 2**32 tries, and adoption
-is bounded anyway (see :meth:`poolbroker.ledger.Ledger.hello`).
+carries a MAC: ``id = seq << 32 | BLAKE2b(key, seq, pool)[:4]`` (keyed BLAKE2b, a
+MAC by design), with ``seq`` a counter below 2**31 (so ids stay below 2**63, as
+the protocol requires). The key lives in the broker's state file, so the next run
+of the same broker can verify what the previous one issued; a guess is right once
+in 2**31 tries (ids issued by earlier versions carry an HMAC-SHA256 instead, and are
+accepted too, so that an upgrade keeps the leases clients re-announce), and
+adoption is bounded anyway (see :meth:`poolbroker.ledger.Ledger.hello`).
 
 The counter is never moved by what a peer sends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from typing import Callable, Optional
 
-KEY_BYTES = 32
+KEY_BYTES = 32  # BLAKE2b takes keys of up to 64 bytes
 _SEQ_LIMIT = 1 << 31
 
 
@@ -36,7 +39,15 @@ class LeaseIds:
         self._seq = first_seq
 
     def _mac(self, seq: int, pool: str) -> int:
-        digest = hmac.digest(self.key, f"{seq}|{pool}".encode(), "sha256")  # one-shot: fast
+        # one per grant: BLAKE2b is built in, and several times cheaper than
+        # OpenSSL's HMAC from a cold cache (measured: 4% of the broker's CPU)
+        digest = hashlib.blake2b(f"{seq}|{pool}".encode(), digest_size=4,
+                                 key=self.key[:64]).digest()
+        return int.from_bytes(digest, "big")
+
+    def _hmac(self, seq: int, pool: str) -> int:
+        """The MAC of ids issued by earlier versions (accepted, never issued)."""
+        digest = hmac.digest(self.key, f"{seq}|{pool}".encode(), "sha256")
         return int.from_bytes(digest[:4], "big")
 
     def issue(self, pool: str, in_use: Callable[[int], bool] = lambda _: False) -> int:
@@ -53,4 +64,6 @@ class LeaseIds:
         if not (isinstance(lease_id, int) and 0 <= lease_id < (1 << 63)):
             return False
         seq, mac = lease_id >> 32, lease_id & 0xFFFFFFFF
-        return hmac.compare_digest(mac.to_bytes(4, "big"), self._mac(seq, pool).to_bytes(4, "big"))
+        given = mac.to_bytes(4, "big")
+        return any(hmac.compare_digest(given, expected(seq, pool).to_bytes(4, "big"))
+                   for expected in (self._mac, self._hmac))

@@ -42,7 +42,7 @@ from .security import (
     is_loopback,
     load_server_keys,
 )
-from .sockets import descriptor, readable
+from .sockets import descriptor, readable, receive, send_to
 from .state import StateFile, default_path
 
 log = logging.getLogger("poolbroker")
@@ -439,7 +439,7 @@ class Broker:
                 # asking first costs less than the exception of an empty recv
                 if not self._has_news(source):
                     break
-                frames = source.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = receive(source)
                 outs = self._handle(frames, self.clock.now(), admin=admin)
                 if admin:  # its own answer goes back there; grants, recalls to clients
                     self._send(source, [out for out in outs if out[0] == frames[0]])
@@ -471,7 +471,7 @@ class Broker:
                 self.fencer.sweep(fields["known"], fields["scopes"])
                 continue
             try:
-                sock.send_multipart([cid, p.encode(op, **fields)], zmq.NOBLOCK)
+                send_to(sock, cid, p.encode(op, **fields))
             except zmq.ZMQError as exc:  # peer gone or its queue full: the TTL cleans up
                 log.debug("could not send %s to %s: %s", op, p.shown(cid, 40), exc)
 

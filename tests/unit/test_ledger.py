@@ -1,5 +1,7 @@
 """The ledger's rules, one by one, with time passed in."""
 
+import hmac
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -243,6 +245,20 @@ def test_reannounced_leases_are_taken_back_only_up_to_max_and_only_if_issued():
     ledger.release(A, lease=real[0], now=4.1)
     lease = grant(ledger, C, 1, now=4.2)
     assert lease is not None and lease < 2**63 and ledger.ids.valid(lease, "default")
+
+
+def test_ids_issued_under_the_previous_mac_are_still_adopted_after_a_restart():
+    # brokers before BLAKE2b ids put HMAC-SHA256(key, "seq|pool")[:4] in the low bits
+    def hmac_id(seq: int, pool: str) -> int:
+        mac = hmac.digest(KEY, f"{seq}|{pool}".encode(), "sha256")[:4]
+        return seq << 32 | int.from_bytes(mac, "big")
+
+    ledger = restarted({"default": 2}, ttl=10.0)
+    old, wrong_pool = hmac_id(5000, "default"), hmac_id(5001, "other")
+    outs = ledger.hello(A, pid=1, host="h", leases=[(old, "default"), (wrong_pool, "default"),
+                                                   (old ^ 1 << 8, "default")], now=0)
+    assert sorted(ops(outs, "welcome")[0][1]["rejected"]) == sorted([wrong_pool, old ^ 1 << 8])
+    assert list(ledger.clients[A].leases) == [old]
 
 
 def test_outside_the_grace_period_unknown_leases_are_never_adopted():

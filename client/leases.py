@@ -438,10 +438,12 @@ class LeaseClient:
                 self._wake_if_queued()
                 return
             self._leader = threading.get_ident()
-            wake_fd, poked = self._wake_r.fileno(), False
+            wake_fd, poked, read = self._wake_r.fileno(), False, False
             while True:
-                if self._pump(sock, poked, io_turn=False) or done():
+                # (nothing to read before the first wait: zmq_poll sees what waits)
+                if self._pump(sock, poked, io_turn=False, read=read) or done():
                     return
+                read = True
                 now = time.monotonic()
                 left = until - now
                 if left <= 0:
@@ -580,12 +582,15 @@ class LeaseClient:
             self._sock = self._sock_poll = None
             return True
 
-    def _pump(self, sock: zmq.Socket, poked: bool = True, io_turn: bool = True) -> bool:
+    def _pump(self, sock: zmq.Socket, poked: bool = True, io_turn: bool = True,
+              read: bool = True) -> bool:
         """One turn with the socket held (``_sock_lock``): read and handle every
         message, send what is queued, heartbeat when due; leaves nothing unread.
         ``poked``: the wake pipe has bytes to drain; ``io_turn``: the I/O thread's
-        turn (it also retries what went unanswered). True once the client is
-        stopping (the bye has gone out)."""
+        turn (it also retries what went unanswered); ``read``: False skips the
+        first read (a leader about to wait in zmq_poll; if it sends, it still
+        looks before returning). True once the client is stopping (the bye has
+        gone out)."""
         if poked:
             try:
                 while self._wake_r.recv(4096):
@@ -593,9 +598,11 @@ class LeaseClient:
             except OSError:  # BlockingIOError: drained
                 pass
         while True:
-            # asking first is cheaper than the exception of an empty recv
-            while readable(sock):
+            # asking first is cheaper than the exception of an empty recv; the
+            # last answer (nothing waits) stands until the socket is used again
+            while read and readable(sock):
                 self._on_frame(sock.recv(NOBLOCK))
+            read = sent = True
             # after reading: what the answers queued (and releases kept back
             # while the pool was not contended, if it now is) goes out now
             if self._outbox or self._stopping or self._session.releasing:
@@ -603,6 +610,8 @@ class LeaseClient:
                 self._backlog = self._send_all(sock, outbox)
                 if stopping:
                     return True
+            else:
+                sent = False
             if io_turn:
                 self._retry_unanswered()
             if time.monotonic() >= self._next_beat:
@@ -611,8 +620,9 @@ class LeaseClient:
                 except zmq.Again:
                     pass  # the queue to the broker is full: the next beat will do
                 self._next_beat = time.monotonic() + self.heartbeat
+                sent = True
             # sending may have taken the signal of a message that came meanwhile
-            if not readable(sock):
+            if not sent or not readable(sock):
                 return False
 
     def _died(self, exc: BaseException) -> None:

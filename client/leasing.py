@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, AsyncIterator, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, List, Optional, Tuple
 
 from . import closing
 from .errors import BrokerError, PoolError, PoolTimeout
@@ -106,9 +106,8 @@ def _async_close(conn: Any) -> bool:
     return close is not None and inspect.iscoroutinefunction(close)
 
 
-@contextlib.contextmanager
 def lease(pool: Optional[str] = None, *, broker: Optional[str] = None,
-          timeout: float = 30.0) -> Iterator[Lease]:
+          timeout: float = 30.0) -> "LeaseBlock":
     """Hold one slot of ``pool``'s budget for a ``with`` block.
 
     :param pool: the broker pool; default ``$POOLBROKER_POOL``, then ``"default"``.
@@ -116,30 +115,55 @@ def lease(pool: Optional[str] = None, *, broker: Optional[str] = None,
     :param timeout: seconds to wait for a slot, then :class:`PoolTimeout`.
 
     Yields a :class:`Lease` (``.id``, ``.pool``, ``.attach(conn)``)."""
-    pool, url = settings(pool, broker)
-    client = LeaseClient.for_url(url)
-    done = threading.Event()
-    answer: List[Any] = []
+    return LeaseBlock(pool, broker, timeout)
 
-    def on_answer(req: LeaseRequest, lease_id: Optional[int],
-                  error: Optional[BaseException]) -> None:
-        answer.append((lease_id, error))
-        done.set()
 
-    req = client.acquire(pool, timeout, on_answer, lead=True)
-    client.serve_until(done.is_set, time.monotonic() + timeout)  # sent, and answered, here
-    if not done.wait(timeout) and client.cancel(req):
-        raise PoolTimeout(f"no lease in pool {pool!r} after {timeout:g}s "
-                          f"({client.describe_broker()})")
-    done.wait()  # the answer won the race with cancel: it is here or arriving
-    lease_id, error = answer[0]
-    if error is not None:
-        raise _failure(error, pool, url, timeout)
-    slot = Lease(lease_id, pool, client)
-    try:
-        yield slot
-    finally:
-        _release(slot)
+class LeaseBlock:
+    """What :func:`lease` returns: a context manager, used once, whose ``with``
+    waits for the slot and gives it back at the end."""
+
+    __slots__ = ("pool", "url", "timeout", "_slot")
+
+    def __init__(self, pool: Optional[str], broker: Optional[str], timeout: float) -> None:
+        self.pool, self.url = settings(pool, broker)
+        self.timeout = timeout
+        self._slot: Optional[Lease] = None
+
+    def __enter__(self) -> Lease:
+        if self._slot is not None:
+            raise RuntimeError("this lease() is in use: call lease() for each block")
+        pool, timeout = self.pool, self.timeout
+        deadline = time.monotonic() + timeout
+        client = LeaseClient.for_url(self.url)
+        # a lock held until the answer comes: lighter than an Event (one per lease)
+        answered = threading.Lock()
+        answered.acquire()
+        answer: List[Tuple[Optional[int], Optional[BaseException]]] = []
+
+        def on_answer(req: LeaseRequest, lease_id: Optional[int],
+                      error: Optional[BaseException]) -> None:
+            answer.append((lease_id, error))
+            answered.release()
+
+        req = client.acquire(pool, timeout, on_answer, lead=True)
+        client.serve_until(lambda: bool(answer), deadline)  # sent, and answered, here
+        if not answered.acquire(timeout=max(0.0, deadline - time.monotonic())) \
+                and client.cancel(req):
+            raise PoolTimeout(f"no lease in pool {pool!r} after {timeout:g}s "
+                              f"({client.describe_broker()})")
+        if not answer:  # the answer won the race with cancel: it is arriving
+            answered.acquire()
+        lease_id, error = answer[0]
+        if error is not None:
+            raise _failure(error, pool, self.url, timeout)
+        assert lease_id is not None
+        self._slot = Lease(lease_id, pool, client)
+        return self._slot
+
+    def __exit__(self, *exc: Any) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            _release(slot)
 
 
 @contextlib.asynccontextmanager

@@ -5,9 +5,10 @@
 - hot path: get + put of an idle connection (poolbroker touches no socket here)
   vs psycopg2.pool and psycopg_pool's ``connection()``;
 - cold path: lease + connect vs a bare ``psycopg2.connect``;
-- a raw pyzmq DEALER/ROUTER msgpack round trip (the floor of one broker exchange).
+- ``lease()`` + release vs a raw pyzmq DEALER/ROUTER msgpack round trip (the
+  floor of one broker exchange), their rounds taken in turn.
 
-Each figure is the median of several rounds; the hot path's subjects take their
+Each figure is the median of several rounds; the subjects compared take their
 rounds in turn. This is not a test: nothing here asserts a time.
 """
 
@@ -165,23 +166,16 @@ def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
             "poolbroker cold getconn (lease+connect)": statistics.median(pooled)}
 
 
-def bench_lease(url: str, n: int, rounds: int) -> Dict[str, float]:
-    """``with lease(): pass``: one acquire answered by a grant, one release sent."""
+def bench_exchange(url: str, n: int, rounds: int) -> Dict[str, float]:
+    """``with lease(): pass`` (one acquire answered by a grant, the release riding
+    on the next request) against a raw pyzmq DEALER/ROUTER msgpack round trip,
+    their rounds taken in turn."""
     import poolbroker_client
 
-    def one() -> None:
-        with poolbroker_client.lease(broker=url):
-            pass
-
-    one()  # the broker link starts outside the timing
-    return {"poolbroker lease() + release": per_op(one, n, rounds)}
-
-
-def bench_zmq(n: int, rounds: int) -> Dict[str, float]:
     ctx = zmq.Context.instance()
-    url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
+    echo_url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
     router = ctx.socket(zmq.ROUTER)
-    router.bind(url)
+    router.bind(echo_url)
     stop = threading.Event()
 
     def echo() -> None:
@@ -194,20 +188,27 @@ def bench_zmq(n: int, rounds: int) -> Dict[str, float]:
     t = threading.Thread(target=echo, daemon=True)
     t.start()
     dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(url)
+    dealer.connect(echo_url)
     payload = {"v": 1, "op": "acquire", "rid": 1, "pool": "default", "timeout": 30.0}
 
     def rt() -> None:
         dealer.send(msgpack.packb(payload))
         msgpack.unpackb(dealer.recv())
 
+    def one() -> None:
+        with poolbroker_client.lease(broker=url):
+            pass
+
     rt()
-    out = {"raw pyzmq DEALER/ROUTER msgpack round trip": per_op(rt, n, rounds)}
-    stop.set()
-    t.join()
-    dealer.close(0)
-    router.close(0)
-    return out
+    one()  # the broker link starts outside the timing
+    try:
+        return interleaved({"raw pyzmq DEALER/ROUTER msgpack round trip": rt,
+                            "poolbroker lease() + release": one}, n, rounds)
+    finally:
+        stop.set()
+        t.join()
+        dealer.close(0)
+        router.close(0)
 
 
 def main() -> int:
@@ -222,8 +223,7 @@ def main() -> int:
         try:
             hot = bench_hot(pg.dsn, url, hot_n, rounds)
             cold = bench_cold(pg.dsn, url, cold_n, rounds)
-            rt = bench_zmq(hot_n, rounds)
-            rt.update(bench_lease(url, hot_n // 4, rounds))
+            rt = bench_exchange(url, hot_n // 4, rounds)
         finally:
             broker.terminate()
             broker.wait(10)

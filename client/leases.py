@@ -602,16 +602,15 @@ class LeaseClient:
             # last answer (nothing waits) stands until the socket is used again
             while read and readable(sock):
                 self._on_frame(sock.recv(NOBLOCK))
-            read = sent = True
+            read = True
             # after reading: what the answers queued (and releases kept back
             # while the pool was not contended, if it now is) goes out now
-            if self._outbox or self._stopping or self._session.releasing:
+            sent = bool(self._outbox or self._stopping or self._session.releasing)
+            if sent:
                 outbox, stopping = self._take_outbox()
                 self._backlog = self._send_all(sock, outbox)
                 if stopping:
                     return True
-            else:
-                sent = False
             if io_turn:
                 self._retry_unanswered()
             if time.monotonic() >= self._next_beat:
@@ -652,13 +651,11 @@ class LeaseClient:
         for i, frame in enumerate(frames):
             try:
                 sock.send(frame, zmq.NOBLOCK)
-            except zmq.Again:
+            except BaseException as exc:  # nothing is lost: the rest goes first next time
                 with self._lock:
                     self._outbox[:0] = frames[i:]
-                return True
-            except BaseException:
-                with self._lock:
-                    self._outbox[:0] = frames[i:]
+                if isinstance(exc, zmq.Again):
+                    return True
                 raise
         return False
 

@@ -376,7 +376,6 @@ class Broker:
         by_fd = {descriptor(src): src for src, _ in sources}
         wake_fd = self._wake_r.fileno()
         self._quiet = {src: False for src, _ in sources}
-        due: Optional[float] = None
         while not self._stop:
             now = self.clock.now()
             due = self.ledger.next_deadline()

@@ -645,6 +645,7 @@ class PoolCore(Generic[CT]):
         t0 = time.monotonic()
         conn = fd = None
         try:
+            self._check_fresh(lease, granted_at, deadline)  # no connection on a stale lease
             conninfo, kwargs = self.connect_args(deadline, lease)
             conn = self.connector.connect(conninfo, kwargs)
             fd = self.adopt(conn, lease, granted_at, deadline)
@@ -674,20 +675,26 @@ class PoolCore(Generic[CT]):
         """A connection just opened inside ``lease``: make sure the lease is still
         ours, watch its socket, tell the broker its backend. Returns the watched
         descriptor. May block (only after a stall, up to ``deadline``)."""
+        # frozen while connecting? confirm the lease before anyone uses this connection
+        self._check_fresh(lease, granted_at, deadline)
         client = self._lease_client()
-        # Frozen anywhere between the grant and now? The lease may have expired
-        # and gone to someone else: confirm it before anyone uses this connection.
+        fd = closing.watch(conn)
+        pid, user, db = self.connector.backend(conn)
+        client.connected(lease, pid, user, db)
+        return fd
+
+    def _check_fresh(self, lease: int, granted_at: float, deadline: float) -> None:
+        """Frozen anywhere between the grant and now, the lease may have expired
+        and gone to someone else: if so, wait (up to ``deadline``) for the broker
+        to confirm it; :class:`PoolError` if it does not."""
+        client = self._lease_client()
         stalled = time.monotonic() - granted_at
         if stalled > client.heartbeat or not client.confirmed.is_set():
             client.suspect(stalled)
             client.confirmed.wait(max(0.0, deadline - time.monotonic()))
         if client.is_lost(lease) or not client.confirmed.is_set():
-            raise PoolError(f"{self.name}: the lease expired while connecting (the "
-                            f"process stalled for {stalled:.1f}s); try again")
-        fd = closing.watch(conn)
-        pid, user, db = self.connector.backend(conn)
-        client.connected(lease, pid, user, db)
-        return fd
+            raise PoolError(f"{self.name}: the lease expired while this process stalled "
+                            f"({stalled:.1f}s since the grant); try again")
 
     def check_configured(self, conn: CT) -> None:
         """After ``configure``: :class:`PoolError` unless the connection is idle."""

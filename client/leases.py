@@ -49,6 +49,7 @@ from poolbroker.sockets import NOBLOCK, descriptor, readable
 from . import closing, lifecycle
 from .errors import PoolError
 from .session import Actions, LeaseSession
+from .stalls import StallWatch
 
 log = logging.getLogger("poolbroker_client")
 
@@ -68,6 +69,11 @@ LEAD_WAIT = 0.0003
 # pokes it when someone may still need the socket read, else it looks again
 # after this long.
 LED_CHECK = 0.25
+# Two looks at the socket further apart than this many heartbeats: the process
+# stalled (see client.stalls). Every wait ends by the next heartbeat, so a live
+# process stays within one, plus scheduling delays; the broker expires a client
+# silent for three (its TTL), which a stall of two can make.
+STALL_GAP = 1.5
 
 Callback = Callable[["LeaseRequest", Optional[int], Optional[BaseException]], None]
 
@@ -169,6 +175,7 @@ class LeaseClient:
         self._sock: Optional[zmq.Socket] = None  # set by the I/O thread while it runs
         self._sock_poll: Optional[zmq.Poller] = None  # for leaders: socket and wake pipe
         self._next_beat = 0.0
+        self._watch = StallWatch(time.monotonic())  # reset when the I/O thread starts
         self._backlog = False  # the queue to the broker was full at the last send
         self._leader: Optional[int] = None  # thread id of a caller reading the socket
         self._io_aside = False  # the I/O thread found a leader and watches its pipe only
@@ -352,6 +359,14 @@ class LeaseClient:
             return f"broker {self.url} has not answered at all ({waited:.1f}s since first contact)"
         return f"broker {self.url} last answered {now - last:.1f}s ago"
 
+    def _check_stall(self) -> None:
+        """Any holder of the socket, after each wait and each message read: a
+        stall since the last look makes us suspect (see client.stalls)."""
+        gap = self._watch.check(time.monotonic(), STALL_GAP * self.heartbeat)
+        # once we said hello, grants may be on their way, from before the stall
+        if gap and self._session.hello_gen:
+            self.suspect(gap)
+
     def suspect(self, stalled: float) -> None:
         """This process stalled (any thread may say so): confirm our leases with
         the broker before new ones are used."""
@@ -450,6 +465,7 @@ class LeaseClient:
                     return
                 left = min(left, self._next_beat - now)  # heartbeats are ours to send too
                 poked = any(fd == wake_fd for fd, _ in waiter.poll(int(max(0.0, left) * 1000) + 1))
+                self._check_stall()
         except Exception as exc:  # as if the I/O thread had met it
             failure = exc
         finally:
@@ -506,7 +522,7 @@ class LeaseClient:
         with self._sock_lock:
             self._sock, self._sock_poll = sock, leader_waiter
             self._next_beat = time.monotonic() + self.heartbeat
-        last = time.monotonic()
+            self._watch = StallWatch(time.monotonic())
         aside = False
         try:
             while True:
@@ -517,16 +533,11 @@ class LeaseClient:
                     # A caller had the socket at our last turn and reads it (the
                     # heartbeats too): waking for each of its arrivals would only
                     # contend for the socket. It pokes us when it lets go.
-                    wait = LED_CHECK
-                before = time.monotonic()
+                    # (Within a heartbeat all the same: see STALL_GAP.)
+                    wait = min(LED_CHECK, self.heartbeat)
                 events = (pipe_only if aside else waiter).poll(wait * 1000.0 + 0.5)
                 poked = any(fd == wake_fd for fd, _ in events)
-                after = time.monotonic()
-                # frozen in poll, or between two polls: leases may have expired
-                stalled = max(after - before - wait, before - last)
-                last = after
-                if stalled > self.heartbeat and self._session.welcomed_gen:
-                    self.suspect(stalled)
+                self._check_stall()
                 self._io_aside = True  # before trying: see serve_until's end
                 # A holder leaves nothing unread, so a busy socket can wait; but a
                 # poke is for us (or the leader, which may have missed it): wait
@@ -601,7 +612,11 @@ class LeaseClient:
             # asking first is cheaper than the exception of an empty recv; the
             # last answer (nothing waits) stands until the socket is used again
             while read and readable(sock):
-                self._on_frame(sock.recv(NOBLOCK))
+                frame = sock.recv(NOBLOCK)
+                # read after a stall, a grant may be one the broker has expired
+                # since: suspect first, so that the session holds it back
+                self._check_stall()
+                self._on_frame(frame)
             read = True
             # after reading: what the answers queued (and releases kept back
             # while the pool was not contended, if it now is) goes out now

@@ -97,6 +97,7 @@ class LeaseSession:
         self.suspect = False
         self.held: List[Tuple[int, str, int]] = []  # (rid, pool, lease) held while suspect
         self.check_rid = 0  # the heartbeat whose answer confirms us
+        self.check_gen = 0  # the hello generation when we became suspect
         self.check_at = 0.0
         self.hello_at = 0.0
         self.seen = 0  # the highest grant seq received from this broker run
@@ -203,6 +204,7 @@ class LeaseSession:
         if self.suspect:
             return None
         self.suspect = True
+        self.check_gen = self.hello_gen
         self.check_rid = next(self._rids)
         self.check_at = now
         return self.check_rid
@@ -277,7 +279,7 @@ class LeaseSession:
         self.debt.clear()
         self.contended.clear()
         self.suspect = False
-        self.hello_gen = self.welcomed_gen = 0
+        self.hello_gen = self.welcomed_gen = self.check_gen = 0
         self.epoch = None
         return failed, lost
 
@@ -370,8 +372,13 @@ class LeaseSession:
                                                  timeout=left))
         if msg["rejected"]:
             actions.merge(self._on_lost(msg["rejected"]))
-        # a re-hello forfeits grants held across a stall (see hello): none is trusted
-        return actions.merge(self._confirm(set()))
+        # A welcome to a hello said after the stall vouches for us; a re-hello
+        # forfeits grants held across it (see hello): none is trusted. A welcome
+        # to an earlier hello may have waited out the stall in our queue, the
+        # broker may have expired us since: the confirming heartbeat decides.
+        if self.hello_gen > self.check_gen:
+            actions.merge(self._confirm(set()))
+        return actions
 
     def _confirm(self, trusted: Set[int]) -> Actions:
         """The broker answered while we were suspect: deliver the held grants it

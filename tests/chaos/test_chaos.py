@@ -138,6 +138,9 @@ def test_chaos(pg, broker_factory, tmp_path):
     if sampler.max_total > BUDGET:
         print("OVER BUDGET samples:", json.dumps(sampler.violations, indent=1))
         print("faults:", log)
+        for path in sorted(glob.glob(str(tmp_path / "w*.txt.log"))):  # the clients' side
+            with open(path) as fh:
+                print(path, "".join(line for line in fh if "WARNING" in line)[-3000:])
     assert sampler.max_total <= BUDGET, report
     assert not lost, f"commits that returned but are not in the table: {sorted(lost)[:5]}"
     assert status["pools"]["default"]["leased"] == 0, report

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from poolbroker_client import ConnectionPool
+from poolbroker_client import ConnectionPool, lease
 
 from helpers import Sampler, Worker, count_backends, new_tag, tagged
 
@@ -96,3 +96,38 @@ def test_with_fencing_a_holder_frozen_across_a_restart_beyond_the_grace_is_swept
     assert sampler.max_total <= 2, f"server saw {sampler.max_total} connections, budget 2"
     assert all(r != "ok" for r in result["use_after"]), result
     assert "restart sweep" in second.log_text()
+
+
+def test_a_grant_that_waited_out_a_freeze_in_the_queue_is_not_used(pg, broker_factory):
+    """A process frozen while it waits for a lease: the grant sits unread in its
+    queue while the broker expires it (silent for a TTL) and grants the slot again.
+    Woken, the process must not connect on that grant: it confirms with the broker
+    first, learns the lease is gone and asks again (the chaos test's seed
+    407049016 once saw a fifth connection on a budget of four this way)."""
+    broker = broker_factory({"default": 1}, ttl=2.0, extra=("--fence-dsn", pg.dsn))
+    waiter_tag, mine_tag = new_tag(), new_tag()
+    with Sampler(pg.dsn, [waiter_tag, mine_tag]) as sampler, \
+            ConnectionPool(tagged(pg.dsn, mine_tag), broker=broker.url, timeout=30) as pool:
+        with lease(broker=broker.url):  # the whole budget
+            waiter = Worker(dict(mode="hold", n=1, dsn=tagged(pg.dsn, waiter_tag),
+                                 broker=broker.url))
+            # frozen the moment its request is queued: its caller is reading the
+            # socket itself then (it leads), not only the I/O thread
+            broker.wait_for(lambda s: s["pools"]["default"]["waiting"] == 1, 20)
+            waiter.proc.send_signal(signal.SIGSTOP)
+        # granted to the frozen waiter, which cannot read it; expired after the TTL
+        status = broker.wait_for(lambda s: s["pools"]["default"]["leased"] == 0
+                                 and s["pools"]["default"]["waiting"] == 0, 20)
+        assert status["pools"]["default"]["leased"] == 0, status
+        conn = pool.getconn()  # the slot, again
+        waiter.proc.send_signal(signal.SIGCONT)
+        # woken, it confirms, finds the grant stale and asks again
+        status = broker.wait_for(lambda s: s["pools"]["default"]["waiting"] == 1, 20)
+        assert status["pools"]["default"]["waiting"] == 1, status
+        assert count_backends(pg.dsn, waiter_tag) == 0
+        conn.close()  # handed back closed: discarded, its lease released
+        pool.putconn(conn)
+        waiter.wait_line("HOLDING")  # served once the slot is free
+        waiter.finish()
+        waiter.result()
+    assert sampler.max_total <= 1, f"server saw {sampler.max_total} connections, budget 1"

@@ -298,8 +298,13 @@ def chaos(cfg, pool):
     """Transactions until the deadline, each recorded in an outcome file line by
     line (so a SIGKILL loses nothing already recorded): C id = the commit returned,
     R id = an exception reached the caller."""
+    import logging
     import os
 
+    # the client's warnings (stalls, lost leases), for the diagnosis of a failure
+    logging.basicConfig(filename=cfg["outcomes"] + ".log", level=logging.INFO,
+                        format="%(asctime)s %(process)d %(threadName)s %(levelname)s "
+                               "%(message)s")
     out = open(cfg["outcomes"], "a", buffering=1)
     deadline = time.monotonic() + cfg["seconds"]
 

@@ -91,6 +91,38 @@ def test_a_welcome_re_sends_older_requests_and_trusts_no_held_grant():
     assert s.epoch == "e2" and s.seen == 0
 
 
+def test_a_welcome_read_after_a_stall_vouches_for_nothing():
+    """Frozen with a welcome and a grant unread in the queue: the broker may have
+    expired us since, and given the lease to another. Only an answer to what we
+    say after the stall may confirm it."""
+    s = LeaseSession(1, "host", "")
+    s.hello(0.0)
+    rid, _ = s.acquire("default", 30.0, 0.0)
+    check = s.stalled(5.0)  # noticed on waking, before reading the queue
+    acts = s.on_message(welcome(), 5.0)  # the answer to the hello from before
+    assert s.suspect and not acts.confirmed
+    assert s.on_message(grant(rid, 7), 5.0).granted == []  # held back
+    # the confirming beat's answer: the broker had expired us
+    acts = s.on_message({"op": "error", "rid": check, "code": p.E_UNKNOWN_CLIENT,
+                         "message": "who?"}, 5.1)
+    assert ops(acts.send, "hello") and s.suspect
+    acts = s.on_message(welcome(), 5.2)  # to the hello said after the stall
+    assert acts.confirmed and acts.granted == [] and not s.suspect
+    assert [m["lease"] for m in ops(acts.send, "release")] == [7]
+    assert [m["rid"] for m in ops(acts.send, "acquire")] == [rid]  # asked again
+
+
+def test_a_welcome_read_after_a_stall_then_the_check_confirms():
+    s = LeaseSession(1, "host", "")
+    s.hello(0.0)
+    rid, _ = s.acquire("default", 30.0, 0.0)
+    check = s.stalled(5.0)
+    s.on_message(welcome(), 5.0)
+    s.on_message(grant(rid, 7), 5.0)
+    acts = s.on_message({"op": "hb", "unknown": [], "rid": check}, 5.1)
+    assert acts.confirmed and acts.granted == [(rid, 7)] and not s.suspect
+
+
 def test_hello_announces_connected_leases_and_forfeits_the_others():
     s = welcomed()
     r1, _ = s.acquire("a", 5.0, 0.0)
@@ -317,6 +349,13 @@ class SessionAgainstABroker(RuleBasedStateMachine):
                                      max_size=3))
         self.apply(self.s.on_message({"op": "hb", "unknown": unknown,
                                       "rid": self.s.check_rid}, self.now))
+
+    @precondition(lambda self: self.s.suspect)
+    @rule()
+    def a_welcome_from_before_the_stall(self):
+        # read after the stall, it answers an earlier hello: it vouches for nothing
+        self.apply(self.s.on_message(welcome(), self.now))
+        assert self.s.suspect
 
     @precondition(lambda self: self.granted)
     @rule(data=st.data())

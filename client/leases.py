@@ -72,7 +72,8 @@ LED_CHECK = 0.25
 # Two looks at the socket further apart than this many heartbeats: the process
 # stalled (see client.stalls). Every wait ends by the next heartbeat, so a live
 # process stays within one, plus scheduling delays; the broker expires a client
-# silent for three (its TTL), which a stall of two can make.
+# silent for three heartbeats (its TTL), which a stall of two after a heartbeat's
+# silence reaches.
 STALL_GAP = 1.5
 
 Callback = Callable[["LeaseRequest", Optional[int], Optional[BaseException]], None]
@@ -729,6 +730,13 @@ class LeaseClient:
                     for rid, lease in actions.granted]
                 answered += [(self._callbacks.pop(rid, None), None, error)
                              for rid, error in actions.failed]
+            if msg["op"] == "welcome":
+                # the broker's heartbeat may be shorter than the one the I/O
+                # thread waits for: no wait may run past it (its TTL, STALL_GAP)
+                beat = time.monotonic() + self.heartbeat
+                if beat < self._next_beat:
+                    self._next_beat = beat
+                    self._wake()
             self._perform(actions, answered)
         except Exception:
             self.bad_frames += 1

@@ -645,7 +645,7 @@ class PoolCore(Generic[CT]):
         t0 = time.monotonic()
         conn = fd = None
         try:
-            self._check_fresh(lease, granted_at, deadline)  # no connection on a stale lease
+            self.check_fresh(lease, granted_at, deadline)  # no connection on a stale lease
             conninfo, kwargs = self.connect_args(deadline, lease)
             conn = self.connector.connect(conninfo, kwargs)
             fd = self.adopt(conn, lease, granted_at, deadline)
@@ -676,17 +676,27 @@ class PoolCore(Generic[CT]):
         ours, watch its socket, tell the broker its backend. Returns the watched
         descriptor. May block (only after a stall, up to ``deadline``)."""
         # frozen while connecting? confirm the lease before anyone uses this connection
-        self._check_fresh(lease, granted_at, deadline)
+        self.check_fresh(lease, granted_at, deadline)
         client = self._lease_client()
         fd = closing.watch(conn)
         pid, user, db = self.connector.backend(conn)
         client.connected(lease, pid, user, db)
         return fd
 
-    def _check_fresh(self, lease: int, granted_at: float, deadline: float) -> None:
-        """Frozen anywhere between the grant and now, the lease may have expired
-        and gone to someone else: if so, wait (up to ``deadline``) for the broker
-        to confirm it; :class:`PoolError` if it does not."""
+    def in_doubt(self, lease: int, granted_at: float) -> bool:
+        """Whether :meth:`check_fresh` has anything to do (never blocks)."""
+        client = self._lease_client()
+        return (time.monotonic() - granted_at > client.heartbeat
+                or not client.confirmed.is_set() or client.is_lost(lease))
+
+    def check_fresh(self, lease: int, granted_at: float, deadline: float) -> None:
+        """Before and after connecting inside ``lease`` (granted at ``granted_at``):
+        frozen anywhere since the grant, the lease may have expired and gone to
+        someone else. If so, wait (up to ``deadline``) for the broker to confirm
+        it; :class:`PoolError` if it does not. Blocks only after a stall (see
+        :meth:`in_doubt`)."""
+        if not self.in_doubt(lease, granted_at):
+            return
         client = self._lease_client()
         stalled = time.monotonic() - granted_at
         if stalled > client.heartbeat or not client.confirmed.is_set():

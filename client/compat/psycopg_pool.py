@@ -652,6 +652,10 @@ class AsyncConnectionPool(_Base, Generic[ACT]):
         conn: Optional[ACT] = None
         fd: Optional[int] = None
         try:
+            # no connection on a stale lease (waiting for the broker: not on the loop)
+            if self._core.in_doubt(lease, granted_at):
+                await loop.run_in_executor(None, self._core.check_fresh, lease, granted_at,
+                                           deadline)
             conninfo, kwargs = self._core.connect_args(deadline, lease)
             conn = await self._aconnector.aconnect(conninfo, kwargs)
             fd = await loop.run_in_executor(None, self._core.adopt, conn, lease, granted_at,

@@ -102,12 +102,13 @@ class AbstractConnectionPool(Configured):
                 raise PoolError("connection pool is closed")
             if key is None:
                 key = self._getkey()
-            while self._used.get(key, None) is _PENDING:
-                self._filled.wait()
-                if self.closed:
-                    raise PoolError("connection pool is closed")
-            if key in self._used:
-                return self._used[key]
+            if key in self._used:  # (a caller's key may be one we generate, too)
+                while self._used.get(key, None) is _PENDING:
+                    self._filled.wait()
+                    if self.closed:
+                        raise PoolError("connection pool is closed")
+                if key in self._used:
+                    return self._used[key]
             if len(self._used) >= self.maxconn:
                 raise PoolError("connection pool exhausted")
             conn = self._leased.take_idle_locked()  # the hot path: no waiting, no broker
@@ -140,11 +141,12 @@ class AbstractConnectionPool(Configured):
                 if conn is None or conn is _PENDING:
                     raise PoolError("trying to put unkeyed connection")
             if key is None:
-                key = self._rused.get(id(conn))
+                key = self._rused.pop(id(conn), None)
                 if key is None:
                     raise PoolError("trying to put unkeyed connection")
+            else:
+                self._rused.pop(id(conn), None)
             self._used.pop(key, None)
-            self._rused.pop(id(conn), None)
             if not close and self._leased.keep_locked(conn):  # the hot path
                 return
         if close:  # closed before we return, like psycopg2's pools

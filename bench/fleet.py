@@ -20,7 +20,10 @@ between transactions). A transaction is ``SELECT pg_sleep(0.002)`` inside
 Per mode: tx/s; budget utilisation (tx/s divided by B / 2 ms); p50/p99 wait for a
 connection (light processes apart in the skewed load; for PgBouncer the wait is
 inside the query, so its transaction latency is shown instead); connects/s (server
-side: ``pg_stat_database.sessions``); recalls/s (poolbroker's clients); the most
+side: ``pg_stat_database.sessions``); recalls/s (poolbroker's clients); the
+fewest and most transactions one thread of the flat-out processes made (a pool
+whose returning thread takes its connection straight back serves a few threads
+while the others starve, and only the served threads' waits are counted); the most
 server connections seen (``pg_stat_activity``, sampled every 10 ms). Writes a
 Markdown table and a PNG chart (matplotlib, the ``bench`` extra). Not a test:
 nothing here asserts a time.
@@ -130,6 +133,9 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         conn.close()
     return {"waits": [w for ws in waits for w in ws],
             "latencies": [x for xs in latencies for x in xs],
+            # per thread: a pool that lets a returning thread take its connection
+            # straight back serves few threads (and their waits look short)
+            "per_thread": [len(xs) for xs in latencies],
             "stats": stats, "errors": errors[:5]}
 
 
@@ -337,6 +343,8 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
         row[label + "lat_p50_ms"] = percentile(lat, 0.50) * 1000
         row[label + "lat_p99_ms"] = percentile(lat, 0.99) * 1000
         row[label + "tx"] = len(lat)
+    counts = [n for r in heavy for n in r["per_thread"]]
+    row["thread_tx_min"], row["thread_tx_max"] = min(counts), max(counts)
     return row
 
 
@@ -358,7 +366,8 @@ def table(rows: List[Dict[str, Any]], budget: int) -> str:
                 "| tx latency p50/p99 ms |")
         if load == "skewed":
             head += " light: wait p99 ms | light: tx latency p99 ms |"
-        head += f" connects/s | recalls + yields /s | max server conns (B={budget}) |"
+        head += (" tx per thread min / max | connects/s | recalls + yields /s "
+                 f"| max server conns (B={budget}) |")
         lines.append(head)
         lines.append("|" + "---|" * (head.count("|") - 1))
         for r in group:
@@ -373,7 +382,8 @@ def table(rows: List[Dict[str, Any]], budget: int) -> str:
                 cells.append("in the query" if r["mode"] == "pgbouncer"
                              else fmt(r.get("light_wait_p99_ms"), ".2f"))
                 cells.append(fmt(r.get("light_lat_p99_ms"), ".2f"))
-            cells += [fmt(r["connects_s"], ".1f"),
+            cells += [f"{fmt(r.get('thread_tx_min'))} / {fmt(r.get('thread_tx_max'))}",
+                      fmt(r["connects_s"], ".1f"),
                       f"{fmt(r['recalls_s'], '.1f')} + {fmt(r.get('yields_s'), '.1f')}",
                       str(r["max_server"])]
             lines.append("| " + " | ".join(cells) + " |")

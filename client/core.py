@@ -97,6 +97,41 @@ class _Checkout(Generic[CT]):
             self._pool.putconn(conn)
 
 
+class Signal:
+    """A one-shot :class:`threading.Event` on a bare lock: ``set`` wakes the one
+    thread in ``wait``. (An Event builds a Condition, and a waiting caller is
+    handed a connection on every transaction of a busy pool: this is lighter.)"""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held until set
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            try:
+                self._lock.release()
+            except RuntimeError:  # set twice at once: released already
+                pass
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :meth:`set`; True if it was."""
+        if self._set:
+            return True
+        if self._lock.acquire(timeout=max(0.0, timeout)):
+            try:
+                self._lock.release()  # a later wait passes too
+            except RuntimeError:  # (a racing second set released it already)
+                pass
+        return self._set
+
+
 class Waiter:
     """A caller waiting for a connection (see :meth:`PoolCore.checkout`). Served by
     exactly one of: a returned connection, a granted lease (the caller then
@@ -110,7 +145,7 @@ class Waiter:
     def __init__(self, deadline: float, warm: bool = False,
                  wake: Optional[Callable[[], None]] = None) -> None:
         self.warm = warm  # opened by the janitor for min_size, not by a caller
-        self.event = threading.Event()
+        self.event = Signal()
         self.wake: Callable[[], None] = wake or self._set
         # set while its caller may read the broker's socket (LeaseClient.serve_until):
         # a connection handed over by another thread must interrupt that

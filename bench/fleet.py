@@ -10,7 +10,11 @@ Each mode runs the same fleet against its own database of one throwaway cluster,
   (installed with ``apt-get install pgbouncer`` when missing and possible; skipped
   with a note otherwise);
 - **poolbroker**: ``poolbroker_client.ConnectionPool`` in each process, leasing from
-  one broker with budget B.
+  one broker with budget B;
+- **poolbroker+reserve** (skewed load only): the same, with a quota
+  (:mod:`poolbroker.quotas`) keeping ``--light-reserve`` slots (default 1) for the
+  light processes: that slot moves among them and the busy process keeps the rest.
+  Tuned for this load, unlike the other modes.
 
 Loads: **uniform** (P processes x T threads, every thread flat out) and **skewed**
 (process 0: T threads flat out; the others: one thread with 50 ms of think time
@@ -42,7 +46,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import psycopg2
 import psycopg2.pool
@@ -52,8 +56,11 @@ from devtools.pgcluster import PgCluster, free_port
 
 QUERY = "SELECT pg_sleep(0.002)"
 QUERY_S = 0.002
+# poolbroker with a quota keeping slots for the light processes (skewed load only;
+# see --light-reserve)
+RESERVE = "poolbroker+reserve"
 THINK_S = 0.050
-MODES = ("static", "pgbouncer", "poolbroker")
+MODES = ("static", "pgbouncer", "poolbroker", RESERVE)
 LOADS = ("uniform", "skewed")
 
 
@@ -63,6 +70,9 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     """One process of the fleet: ``threads`` threads run transactions from
     ``start`` to ``end`` (epoch seconds); figures count from ``window`` on."""
     mode, dsn, threads, think = spec["mode"], spec["dsn"], spec["threads"], spec["think"]
+    if mode == RESERVE:  # the same pool; the broker's quota tells light from busy
+        os.environ["POOLBROKER_APPLICATION_NAME"] = "light" if spec["light"] else "busy"
+        mode = "poolbroker"
     pool: Any = None
     conns: List[Any] = []
     if mode == "static":
@@ -401,7 +411,8 @@ def chart(rows: List[Dict[str, Any]], path: str, title: str) -> Optional[str]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     width = 0.8 / max(1, len(modes))
-    colors = {"static": "#999999", "pgbouncer": "#4c72b0", "poolbroker": "#dd8452"}
+    colors = {"static": "#999999", "pgbouncer": "#4c72b0", "poolbroker": "#dd8452",
+              RESERVE: "#c44e52"}
     for i, mode in enumerate(modes):
         xs, ys = [], []
         for j, load in enumerate(LOADS):
@@ -427,6 +438,23 @@ def chart(rows: List[Dict[str, Any]], path: str, title: str) -> Optional[str]:
     return None
 
 
+def database(mode: str) -> str:
+    return "bench_" + mode.replace("+", "_")
+
+
+def fleet_broker(mode: str, args: Any, tmp: str) -> Tuple[str, subprocess.Popen]:
+    """A broker for ``mode``: budget B; for the reserve mode, with a quota that
+    keeps ``--light-reserve`` slots for the light processes (a config file)."""
+    url = f"ipc:///tmp/pb-fleet-{uuid.uuid4().hex[:8]}.sock"
+    if mode != RESERVE:
+        return url, start_broker(url, args.budget)
+    path = os.path.join(tmp, "reserve.toml")
+    with open(path, "w") as fh:
+        fh.write(f'[pools]\ndefault = {args.budget}\n\n[quotas.default]\n'
+                 f'"light*" = {{ reserve = {args.light_reserve} }}\n')
+    return url, start_broker(url, args.budget, extra=("--config", path))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="poolbroker fleet benchmark")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -438,6 +466,8 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--loads", default=",".join(LOADS))
     parser.add_argument("--out", default="bench/results", help="where the table and chart go")
+    parser.add_argument("--light-reserve", type=int, default=1,
+                        help=f"slots the {RESERVE} mode keeps for the light processes")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -455,28 +485,31 @@ def main() -> int:
                f"T={args.threads}, {args.seconds:g} s measured after {args.warmup:g} s")
     print(machine, flush=True)
     rows: List[Dict[str, Any]] = []
-    with PgCluster(max_connections=100) as pg:
+    with PgCluster(max_connections=100) as pg, tempfile.TemporaryDirectory() as tmp:
         admin = psycopg2.connect(pg.dsn)
         admin.autocommit = True
         with admin.cursor() as cur:
             for mode in modes:
-                cur.execute(f"CREATE DATABASE bench_{mode}")
+                cur.execute(f"CREATE DATABASE {database(mode)}")
         admin.close()
-        bouncer = broker = None
-        url = f"ipc:///tmp/pb-fleet-{uuid.uuid4().hex[:8]}.sock"
+        bouncer = None
+        brokers: Dict[str, Tuple[str, subprocess.Popen]] = {}
         try:
             if "pgbouncer" in modes:
                 bouncer = PgBouncer(pg, "bench_pgbouncer", args.budget)
-            if "poolbroker" in modes:
-                broker = start_broker(url, args.budget)
+            for mode in modes:
+                if mode.startswith("poolbroker"):
+                    brokers[mode] = fleet_broker(mode, args, tmp)
             for load in loads:
                 for mode in modes:
-                    db = f"bench_{mode}"
+                    if mode == RESERVE and load != "skewed":
+                        continue  # all processes are alike: nothing to reserve
+                    db = database(mode)
                     dsn = bouncer.dsn if mode == "pgbouncer" and bouncer else \
                         pg.dsn.replace("dbname=postgres", f"dbname={db}")
-                    row = run_fleet(mode, load, dsn, pg.dsn, db, args,
-                                    url if mode == "poolbroker" else None,
-                                    broker.pid if broker and mode == "poolbroker" else 0)
+                    url, broker = brokers.get(mode, (None, None))
+                    row = run_fleet(mode, load, dsn, pg.dsn, db, args, url,
+                                    broker.pid if broker else 0)
                     rows.append(row)
                     print(f"{load:8} {mode:10} {row['tx_s']:7.0f} tx/s  max server "
                           f"{row['max_server']}  connects/s {row['connects_s']:.1f}  "
@@ -487,7 +520,7 @@ def main() -> int:
         finally:
             if bouncer:
                 bouncer.stop()
-            if broker:
+            for _, broker in brokers.values():
                 broker.terminate()
                 broker.wait(10)
     text = table(rows, args.budget)

@@ -465,7 +465,9 @@ class LeaseClient:
                 if left <= 0:
                     return
                 left = min(left, self._next_beat - now)  # heartbeats are ours to send too
-                poked = any(fd == wake_fd for fd, _ in waiter.poll(int(max(0.0, left) * 1000) + 1))
+                poked = False
+                for fd, _ in waiter.poll(int(max(0.0, left) * 1000) + 1):
+                    poked = poked or fd == wake_fd
                 self._check_stall()
         except Exception as exc:  # as if the I/O thread had met it
             failure = exc

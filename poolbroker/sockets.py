@@ -25,7 +25,8 @@ _send = _BackendSocket.send
 
 def readable(sock: zmq.Socket) -> bool:
     """True if a message waits on ``sock`` (updates the socket's state)."""
-    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
+    # (no typing.cast: a Python call, and this runs several times per message)
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
 
 
 def descriptor(sock: zmq.Socket) -> int:

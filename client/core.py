@@ -342,7 +342,7 @@ class PoolCore(Generic[CT]):
         client = self._lease_client()
         got.nudge = client.nudge
         client.serve_until(got.event.is_set, got.deadline)
-        got.event.wait(max(0.0, got.deadline - start))
+        got.event.wait(max(0.0, got.deadline - time.monotonic()))  # (what the lead left)
         handed, lease = self.finish_wait(got, start, timeout)
         if lease is None:
             assert handed is not None

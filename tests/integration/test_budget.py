@@ -75,7 +75,9 @@ def test_pool_timeout_after_callers_timeout_when_budget_full(pg, broker_factory)
         with pytest.raises(PoolTimeout) as info:
             pool.getconn(timeout=1.0)
         elapsed = time.monotonic() - t0
-        assert 1.0 <= elapsed < 3.0, elapsed
+        # the caller reads the broker's socket until the deadline; what is left
+        # to wait after that is nothing (it once waited the whole timeout again)
+        assert 1.0 <= elapsed < 1.8, elapsed
         assert "budget is full" in str(info.value) and broker.url in str(info.value)
         # the broker dropped the request: nothing is queued or leased for us
         status = broker.wait_for(lambda s: s["pools"]["default"]["waiting"] == 0, 2)

@@ -44,7 +44,7 @@ import zmq
 
 from poolbroker import protocol as p
 from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
-from poolbroker.sockets import NOBLOCK, descriptor, readable
+from poolbroker.sockets import NOBLOCK, descriptor, readable, send
 
 from . import closing, lifecycle
 from .errors import PoolError
@@ -138,7 +138,7 @@ class LeaseClient:
         """The client for ``url`` in this process (a new one after ``fork()``)."""
         with cls._registry_lock:
             client = cls._registry.get(url)
-            if client is None or not client.in_this_process():
+            if client is None or client._pid != os.getpid():  # (in_this_process)
                 client = cls._registry[url] = cls(url)
             return client
 
@@ -231,7 +231,8 @@ class LeaseClient:
         :meth:`serve_until` next, which sends the request (else the I/O thread
         is woken to send it: cheap enough to do under a pool's lock)."""
         with self._lock:
-            self._ensure_started()
+            if self._thread is None:
+                self._ensure_started()
             now = time.monotonic()
             rid, frame = self._session.acquire(pool, timeout, now)
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
@@ -633,7 +634,7 @@ class LeaseClient:
                 self._retry_unanswered()
             if time.monotonic() >= self._next_beat:
                 try:
-                    sock.send(self._heartbeat_frame(), zmq.NOBLOCK)
+                    send(sock, self._heartbeat_frame(), NOBLOCK)
                 except zmq.Again:
                     pass  # the queue to the broker is full: the next beat will do
                 self._next_beat = time.monotonic() + self.heartbeat
@@ -668,7 +669,7 @@ class LeaseClient:
         keep the rest (releases must not be lost) and report a backlog."""
         for i, frame in enumerate(frames):
             try:
-                sock.send(frame, zmq.NOBLOCK)
+                send(sock, frame, NOBLOCK)
             except BaseException as exc:  # nothing is lost: the rest goes first next time
                 with self._lock:
                     self._outbox[:0] = frames[i:]
@@ -760,7 +761,8 @@ class LeaseClient:
                 _run_callback(req, lease, error)
             elif lease is not None:  # its caller is gone (cannot happen): give it back
                 self.release(lease)
-        self._tell_pools_lost(actions.lost)
+        if actions.lost:
+            self._tell_pools_lost(actions.lost)
         for pool in actions.recalled:
             for owner in list(self._pools):
                 if owner.pool == pool:

@@ -21,6 +21,9 @@ NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 # pyzmq's Socket.send only adds DRAFT options (routing_id, group) to this
 _send = _BackendSocket.send
+#: ``send(sock, frame, flags)``: pyzmq's own send without its Python wrapper (a
+#: call less on every message; same errors, :class:`zmq.Again` included).
+send = _send
 
 
 def readable(sock: zmq.Socket) -> bool:

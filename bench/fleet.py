@@ -1,6 +1,11 @@
 """Fleet benchmark: one connection budget, several processes, three ways to share it.
 
     python -m bench.fleet [--seconds 8] [--budget 8] [--processes 4] [--threads 12]
+                          [--repeat 1]
+
+With ``--repeat N`` every mode and load runs N times, in turn (so that a slow
+spell of a shared machine falls on all of them); the table shows each one's
+median run, with the range of its tx/s, and the JSON keeps every run.
 
 Each mode runs the same fleet against its own database of one throwaway cluster, so
 ``pg_stat_activity`` tells the modes apart:
@@ -358,6 +363,18 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
     return row
 
 
+def medians(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (load, mode): its run of median tx/s (the lower of the two
+    middle ones for an even count), with every run's tx/s in ``tx_s_runs``."""
+    rows = []
+    for key in dict.fromkeys((r["load"], r["mode"]) for r in runs):
+        group = [r for r in runs if (r["load"], r["mode"]) == key]
+        ranked = sorted(group, key=lambda r: r["tx_s"])
+        rows.append({**ranked[(len(ranked) - 1) // 2],
+                     "tx_s_runs": [r["tx_s"] for r in group]})
+    return rows
+
+
 def fmt(value: Any, spec: str = ".0f") -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
@@ -385,7 +402,10 @@ def table(rows: List[Dict[str, Any]], budget: int) -> str:
             vs_bouncer = r["tx_s"] / base["pgbouncer"] if base.get("pgbouncer") else None
             wait = ("in the query" if r["mode"] == "pgbouncer"
                     else f"{fmt(r.get('wait_p50_ms'), '.2f')} / {fmt(r.get('wait_p99_ms'), '.2f')}")
-            cells = [r["mode"], fmt(r["tx_s"]), fmt(r["utilisation"], ".2f"),
+            tx_s = fmt(r["tx_s"])
+            if len(r.get("tx_s_runs", [])) > 1:
+                tx_s += f" ({fmt(min(r['tx_s_runs']))}-{fmt(max(r['tx_s_runs']))})"
+            cells = [r["mode"], tx_s, fmt(r["utilisation"], ".2f"),
                      fmt(vs_static, ".2f") + "x", fmt(vs_bouncer, ".2f") + "x", wait,
                      f"{fmt(r.get('lat_p50_ms'), '.2f')} / {fmt(r.get('lat_p99_ms'), '.2f')}"]
             if load == "skewed":
@@ -466,6 +486,9 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--loads", default=",".join(LOADS))
     parser.add_argument("--out", default="bench/results", help="where the table and chart go")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every mode and load this many times, in turn; the "
+                        "table shows each one's median run and the range")
     parser.add_argument("--light-reserve", type=int, default=1,
                         help=f"slots the {RESERVE} mode keeps for the light processes")
     args = parser.parse_args()
@@ -500,46 +523,48 @@ def main() -> int:
             for mode in modes:
                 if mode.startswith("poolbroker"):
                     brokers[mode] = fleet_broker(mode, args, tmp)
-            for load in loads:
-                for mode in modes:
-                    if mode == RESERVE and load != "skewed":
-                        continue  # all processes are alike: nothing to reserve
-                    db = database(mode)
-                    dsn = bouncer.dsn if mode == "pgbouncer" and bouncer else \
-                        pg.dsn.replace("dbname=postgres", f"dbname={db}")
-                    url, broker = brokers.get(mode, (None, None))
-                    row = run_fleet(mode, load, dsn, pg.dsn, db, args, url,
-                                    broker.pid if broker else 0)
-                    rows.append(row)
-                    print(f"{load:8} {mode:10} {row['tx_s']:7.0f} tx/s  max server "
-                          f"{row['max_server']}  connects/s {row['connects_s']:.1f}  "
-                          f"recalls/s {row['recalls_s']:.1f}  yields/s {row['yields_s']:.1f}  "
-                          f"broker CPU "
-                          f"{row['broker_cpu']:.0%}"
-                          + (f"  ERRORS {row['errors']}" if row["errors"] else ""), flush=True)
+            for load, mode in [(x, m) for _ in range(args.repeat)
+                               for x in loads for m in modes]:
+                if mode == RESERVE and load != "skewed":
+                    continue  # all processes are alike: nothing to reserve
+                db = database(mode)
+                dsn = bouncer.dsn if mode == "pgbouncer" and bouncer else \
+                    pg.dsn.replace("dbname=postgres", f"dbname={db}")
+                url, broker = brokers.get(mode, (None, None))
+                row = run_fleet(mode, load, dsn, pg.dsn, db, args, url,
+                                broker.pid if broker else 0)
+                rows.append(row)
+                print(f"{load:8} {mode:10} {row['tx_s']:7.0f} tx/s  max server "
+                      f"{row['max_server']}  connects/s {row['connects_s']:.1f}  "
+                      f"recalls/s {row['recalls_s']:.1f}  yields/s {row['yields_s']:.1f}  "
+                      f"broker CPU "
+                      f"{row['broker_cpu']:.0%}"
+                      + (f"  ERRORS {row['errors']}" if row["errors"] else ""), flush=True)
         finally:
             if bouncer:
                 bouncer.stop()
             for _, broker in brokers.values():
                 broker.terminate()
                 broker.wait(10)
+    runs, rows = rows, medians(rows)
     text = table(rows, args.budget)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fleet.md"), "w") as fh:
         fh.write(f"Machine: {machine}\n{text}\n" + "".join(f"\n{n}\n" for n in notes))
     with open(os.path.join(args.out, "fleet.json"), "w") as fh:
-        json.dump({"machine": machine, "rows": rows, "notes": notes}, fh, indent=1)
+        json.dump({"machine": machine, "rows": rows, "runs": runs, "notes": notes}, fh,
+                  indent=1)
     why = chart(rows, os.path.join(args.out, "fleet.png"), machine)
     if why:
         notes.append(why)
     print(text)
     for note in notes:
         print(note)
-    over = [r for r in rows if r["max_server"] > args.budget]
+    over = [r for r in runs if r["max_server"] > args.budget]
     if over:
         print(f"BUDGET EXCEEDED in {[(r['mode'], r['load']) for r in over]}")
         return 1
-    if any(r["errors"] for r in rows):
+    if any(r["errors"] for r in runs):
         print("some runs had errors: their figures are void")
         return 1
     return 0

@@ -445,10 +445,12 @@ def chart(rows: List[Dict[str, Any]], path: str, title: str) -> Optional[str]:
     ax1.set_xticklabels(LOADS)
     ax1.set_ylabel("transactions / s")
     ax1.set_title("throughput, same budget")
-    ax1.legend()
+    ax1.set_ylim(0, ax1.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax1.legend(loc="upper center", ncol=2, fontsize=8)
     light = [r for r in rows if r["load"] == "skewed"]
     ax2.bar([r["mode"] for r in light], [r.get("light_lat_p99_ms", 0) for r in light],
             color=[colors[r["mode"]] for r in light])
+    ax2.tick_params(axis="x", labelsize=8, labelrotation=15)
     ax2.set_ylabel("ms")
     ax2.set_title("skewed: light processes' p99 transaction latency")
     fig.suptitle(title, fontsize=9)
@@ -505,7 +507,8 @@ def main() -> int:
             modes.remove("pgbouncer")
     machine = (f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, PostgreSQL local "
                f"(throwaway cluster, TCP loopback); B={args.budget}, P={args.processes}, "
-               f"T={args.threads}, {args.seconds:g} s measured after {args.warmup:g} s")
+               f"T={args.threads}, {args.seconds:g} s measured after {args.warmup:g} s"
+               + (f"; median of {args.repeat} runs" if args.repeat > 1 else ""))
     print(machine, flush=True)
     rows: List[Dict[str, Any]] = []
     with PgCluster(max_connections=100) as pg, tempfile.TemporaryDirectory() as tmp:

@@ -1176,15 +1176,12 @@ class PoolCore(Generic[CT]):
         """:meth:`take_idle`, with :attr:`lock` held by the caller."""
         if self._idle and not self._closed:
             c = self._idle.pop()
-            # (c.check_out, inline: every get of an idle connection passes here)
-            c.in_use = True
-            c.out_since = now = time.monotonic()
+            now = time.monotonic()
+            c.check_out(now)
             if count_request:
                 self._stats["requests_num"] += 1
-                returns = self._returns
-                if returns:  # (_note_reuse_locked, inline)
-                    gap = now - returns.pop()
-                    self._gap_s += ((gap if gap > 0.0 else 0.0) - self._gap_s) / 8
+                if self._returns:
+                    self._note_reuse_locked(now)
             return c.conn
         return None
 

@@ -138,7 +138,7 @@ class LeaseClient:
         """The client for ``url`` in this process (a new one after ``fork()``)."""
         with cls._registry_lock:
             client = cls._registry.get(url)
-            if client is None or client._pid != os.getpid():  # (in_this_process)
+            if client is None or not client.in_this_process():
                 client = cls._registry[url] = cls(url)
             return client
 
@@ -231,8 +231,7 @@ class LeaseClient:
         :meth:`serve_until` next, which sends the request (else the I/O thread
         is woken to send it: cheap enough to do under a pool's lock)."""
         with self._lock:
-            if self._thread is None:
-                self._ensure_started()
+            self._ensure_started()
             now = time.monotonic()
             rid, frame = self._session.acquire(pool, timeout, now)
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
@@ -466,9 +465,8 @@ class LeaseClient:
                 if left <= 0:
                     return
                 left = min(left, self._next_beat - now)  # heartbeats are ours to send too
-                poked = False
-                for fd, _ in waiter.poll(int(max(0.0, left) * 1000) + 1):
-                    poked = poked or fd == wake_fd
+                events = waiter.poll(int(max(0.0, left) * 1000) + 1)
+                poked = any(fd == wake_fd for fd, _ in events)
                 self._check_stall()
         except Exception as exc:  # as if the I/O thread had met it
             failure = exc
@@ -761,8 +759,7 @@ class LeaseClient:
                 _run_callback(req, lease, error)
             elif lease is not None:  # its caller is gone (cannot happen): give it back
                 self.release(lease)
-        if actions.lost:
-            self._tell_pools_lost(actions.lost)
+        self._tell_pools_lost(actions.lost)
         for pool in actions.recalled:
             for owner in list(self._pools):
                 if owner.pool == pool:

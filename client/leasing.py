@@ -89,9 +89,6 @@ def _failure(error: BaseException, pool: str, url: str, timeout: float) -> BaseE
 def _release(slot: Lease) -> None:
     """Close what is attached, wait for the server to see it, give the lease back."""
     slot._client.checked_in(slot.id)
-    if not slot._attached:  # (the common case: nothing to close or wait for)
-        slot._client.give_back(slot.id)
-        return
     # connections and sockets are closed here (an async close was awaited before);
     # a bare descriptor is the caller's to close
     items = [(None if isinstance(conn, int) or _async_close(conn) else conn, fd)

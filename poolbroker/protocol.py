@@ -121,8 +121,7 @@ def _int(v: Any) -> bool:
 
 
 def _uint(v: Any) -> bool:
-    # (not through _int: a call less, on every message either side reads)
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+    return _int(v) and v >= 0
 
 
 def _num(v: Any) -> bool:

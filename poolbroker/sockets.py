@@ -19,11 +19,9 @@ from zmq.backend import Socket as _BackendSocket
 _EVENTS, _POLLIN, _FD, _RCVMORE = zmq.EVENTS, int(zmq.POLLIN), zmq.FD, zmq.RCVMORE
 NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-# pyzmq's Socket.send only adds DRAFT options (routing_id, group) to this
-_send = _BackendSocket.send
-#: ``send(sock, frame, flags)``: pyzmq's own send without its Python wrapper (a
-#: call less on every message; same errors, :class:`zmq.Again` included).
-send = _send
+#: ``send(sock, frame, flags)``: pyzmq's own send without its Python wrapper, which
+#: only adds DRAFT options (routing_id, group); same errors, :class:`zmq.Again` too.
+send = _BackendSocket.send
 
 
 def readable(sock: zmq.Socket) -> bool:
@@ -52,5 +50,5 @@ def receive(sock: zmq.Socket) -> List[bytes]:
 def send_to(sock: zmq.Socket, peer: bytes, frame: bytes) -> None:
     """Send ``frame`` to ``peer`` on the ROUTER ``sock`` without blocking
     (:class:`zmq.Again` if its queue is full)."""
-    _send(sock, peer, _MORE_NOBLOCK)
-    _send(sock, frame, NOBLOCK)
+    send(sock, peer, _MORE_NOBLOCK)
+    send(sock, frame, NOBLOCK)

@@ -129,9 +129,15 @@ class Client:
     idle: Dict[str, int] = field(default_factory=dict)  # as last reported
     recall: Dict[str, int] = field(default_factory=dict)  # pool -> leases asked back
     contended: Dict[str, bool] = field(default_factory=dict)  # pool -> as last told
-    # lease -> when its connection was checked out, as of the last heartbeat
-    busy: Dict[int, float] = field(default_factory=dict)
+    # [[lease, seconds its connection has been checked out], ...] as of the last
+    # heartbeat, kept as it came: only ``poolbroker clients`` reads it
+    busy: List[List[Any]] = field(default_factory=list)
     busy_at: float = 0.0  # when that heartbeat came
+
+    def checkouts(self) -> Dict[int, float]:
+        """Lease -> when its connection was checked out (ledger time), as of the
+        last heartbeat."""
+        return {lease: self.busy_at - secs for lease, secs in self.busy}
 
     def held(self, pool: str) -> int:
         """Leases held in ``pool``, counted (for tests; the ledger keeps ``Pool.demand``)."""
@@ -573,9 +579,7 @@ class Ledger:
         client, outs = self._known(cid, None, now)
         if client is None:
             return outs
-        client.busy = {lease: now - secs for lease, secs in busy
-                       if lease in client.leases} if busy else {}
-        client.busy_at = now
+        client.busy, client.busy_at = busy or [], now
         changed = {pool for pool in set(idle) | set(client.idle)
                    if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)}
         client.idle = {k: v for k, v in idle.items() if k in self.pools}
@@ -586,8 +590,10 @@ class Ledger:
         if rid is not None:  # the client wants to know it is this beat's answer
             reply["rid"] = rid
         outs = [(cid, "hb", reply)] if ack or unknown or rid is not None else []
-        if epoch == self.epoch and seen is not None:
-            outs += self._reconcile(client, set(leases), seen, now, changed)
+        listed = set(leases)
+        # (a routine beat lists every lease we know of: nothing to reconcile)
+        if epoch == self.epoch and seen is not None and not listed.issuperset(client.leases):
+            outs += self._reconcile(client, listed, seen, now, changed)
         for pool in changed:
             outs += self._rebalance(pool, now)
         return outs
@@ -881,7 +887,6 @@ class Ledger:
 
     def _orphan(self, client: Client, lease: Lease, now: float) -> None:
         """Detach ``lease`` (already out of ``client.leases``) from its client."""
-        client.busy.pop(lease.id, None)
         if lease.rid is not None:
             client.granted.pop(lease.rid, None)
         if client.recall.get(lease.pool):
@@ -1226,10 +1231,13 @@ class Ledger:
             return {"client": _label(cid), "pid": client.pid, "host": client.host,
                     "name": client.name}
 
+        checkouts: Dict[ClientId, Dict[int, float]] = {}
         for pool in self.pools.values():
             for lease in pool.leases.values():
                 client = self.clients.get(lease.client)
-                since = client.busy.get(lease.id) if client is not None else None
+                if client is not None and lease.client not in checkouts:
+                    checkouts[lease.client] = client.checkouts()
+                since = checkouts[lease.client].get(lease.id) if client is not None else None
                 state = ("fencing" if lease.fencing else "unconfirmed" if lease.unconfirmed
                          else "busy" if since is not None else "idle")
                 rows.append({"lease": lease.id, "pool": pool.name, **who(lease.client),

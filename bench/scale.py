@@ -6,7 +6,10 @@
 1. **Idle fleet**: ``--holders`` processes each hold ``--leases`` leases (4,000 by
    default) and heartbeat as every client does; over ``--window`` seconds: the
    broker's CPU share of one core, its RSS, and the latency of ``poolbroker
-   status`` (median and worst of 20).
+   status`` (median and worst of 20). Then the anchor: as many processes send
+   the same heartbeats (fields, size, interval, when they ask for an answer)
+   to a bare pyzmq ROUTER that decodes them and answers those that ask; its CPU
+   share over the same window, and the broker's as a ratio of it.
 2. **Leasing flat out**: ``--lessees`` processes each run ``with lease(): pass`` in
    a loop (the pool is big enough that nobody waits: this is the cost of the
    exchange), against a raw pyzmq ROUTER echo server in its own process answering
@@ -164,6 +167,66 @@ def role_echo_server(url: str) -> None:
             return
 
 
+def role_beat_client(url: str, n: int) -> None:
+    """Send what a client holding ``n`` checked-out leases sends while idle (its
+    heartbeat, same fields and size) to a bare ROUTER, at the same interval and
+    asking for an answer as a client does (after two beats without one), until
+    stdin closes."""
+    import random
+    import select
+
+    import zmq
+
+    from poolbroker import protocol as p
+    from poolbroker.cli import DEFAULT_TTL
+
+    interval = DEFAULT_TTL / 3  # the broker's heartbeat_interval
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(url)
+    ids = [random.randrange(2**40, 2**52) for _ in range(n)]
+    last_reply = time.monotonic()
+    print("ready", flush=True)
+    time.sleep(random.uniform(0, interval))  # clients start at scattered moments
+    while True:
+        now = time.monotonic()
+        sock.send(p.encode("heartbeat", idle={"default": 0}, leases=ids,
+                           ack=now - last_reply >= 2 * interval, epoch="0" * 12, seen=n,
+                           busy=[[lease, round(random.uniform(1, 100), 3)] for lease in ids]))
+        while sock.poll(0):
+            sock.recv()
+            last_reply = time.monotonic()
+        if select.select([sys.stdin], [], [], interval)[0]:
+            break  # stdin closed
+    sock.close(0)
+
+
+def role_beat_server(url: str) -> None:
+    """A ROUTER that decodes each message and answers those that ask (``ack``):
+    what an idle fleet's heartbeats cost a broker that does nothing else."""
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(url)
+    answer = msgpack.packb({"v": 1, "op": "hb", "epoch": "0" * 12, "unknown": []})
+    print("ready", flush=True)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(sys.stdin, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll(1000))
+        if sock in events:
+            for _ in range(100):
+                try:
+                    ident, frame = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msgpack.unpackb(frame).get("ack"):
+                    sock.send_multipart([ident, answer])
+        if sys.stdin.fileno() in events or sys.stdin in events:
+            return
+
+
 # ---------------------------------------------------------------------- parts
 
 def _profile_text(path: str) -> str:
@@ -223,7 +286,42 @@ def idle_fleet(holders: int, leases: int, window: float, profile: bool) -> Dict[
         stop(broker)
     if profile and os.path.exists(prof):
         out["profile"] = _profile_text(prof)
+    out["anchor_cpu_share"] = idle_anchor(holders, leases, window)
+    out["ratio"] = out["cpu_share"] / out["anchor_cpu_share"]
     return out
+
+
+def idle_anchor(holders: int, leases: int, window: float) -> float:
+    """The same heartbeats sent to a bare pyzmq ROUTER (``role_beat_server``):
+    its CPU share of one core over ``window`` seconds."""
+    url = f"ipc:///tmp/pba-{uuid.uuid4().hex[:8]}.sock"
+    server = spawn("beat-server", url)
+    assert server.stdout is not None and server.stdin is not None
+    server.stdout.readline()
+    procs = [spawn("beat-client", url, str(leases)) for _ in range(holders)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a heartbeat sender did not start")
+        time.sleep(2.0)  # every sender past its first beat, as in idle_fleet
+        cpu0, w0 = cpu_seconds(server.pid), time.monotonic()
+        time.sleep(window)
+        return (cpu_seconds(server.pid) - cpu0) / (time.monotonic() - w0)
+    finally:
+        for proc in procs:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server.stdin.close()
+        server.wait(10)
 
 
 def _run_fleet(procs: List[subprocess.Popen], seconds: float,
@@ -290,7 +388,9 @@ def main() -> int:
         {"hold": lambda: role_hold(rest[0], int(rest[1])),
          "lease": lambda: role_lease(rest[0]),
          "echo-client": lambda: role_echo_client(rest[0]),
-         "echo-server": lambda: role_echo_server(rest[0])}[args.role]()
+         "echo-server": lambda: role_echo_server(rest[0]),
+         "beat-client": lambda: role_beat_client(rest[0], int(rest[1])),
+         "beat-server": lambda: role_beat_server(rest[0])}[args.role]()
         return 0
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     parts = args.parts.split(",")
@@ -300,6 +400,8 @@ def main() -> int:
               f"(all held after {r['start_s']}s), over {args.window:g}s:")
         print(f"  broker CPU {r['cpu_share'] * 100:.2f}% of a core, RSS {r['rss_mb']:.1f} MB; "
               f"status {r['status_ms_p50']:.1f} ms median, {r['status_ms_max']:.1f} ms worst")
+        print(f"  a bare pyzmq ROUTER receiving the same heartbeats: "
+              f"{r['anchor_cpu_share'] * 100:.2f}% of a core; the broker {r['ratio']:.2f}x that")
         if "profile" in r:
             print("\nbroker profile (by own time):\n" + r["profile"])
     if "flat" in parts:

@@ -579,7 +579,9 @@ class Ledger:
         client, outs = self._known(cid, None, now)
         if client is None:
             return outs
-        client.busy, client.busy_at = busy or [], now
+        # (no client has more connections checked out than leases: what a beat
+        # lists beyond that is not kept)
+        client.busy, client.busy_at = (busy or [])[:len(client.leases)], now
         changed = {pool for pool in set(idle) | set(client.idle)
                    if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)}
         client.idle = {k: v for k, v in idle.items() if k in self.pools}
@@ -1235,9 +1237,11 @@ class Ledger:
         for pool in self.pools.values():
             for lease in pool.leases.values():
                 client = self.clients.get(lease.client)
-                if client is not None and lease.client not in checkouts:
-                    checkouts[lease.client] = client.checkouts()
-                since = checkouts[lease.client].get(lease.id) if client is not None else None
+                since = None
+                if client is not None:
+                    if lease.client not in checkouts:
+                        checkouts[lease.client] = client.checkouts()
+                    since = checkouts[lease.client].get(lease.id)
                 state = ("fencing" if lease.fencing else "unconfirmed" if lease.unconfirmed
                          else "busy" if since is not None else "idle")
                 rows.append({"lease": lease.id, "pool": pool.name, **who(lease.client),

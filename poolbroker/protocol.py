@@ -116,13 +116,9 @@ def shown(value: Any, limit: int = 60) -> str:
     return f"a {type(value).__name__}"
 
 
-# (``type(v) is int``: msgpack makes exact ints, and it rules out bool in one
-# test; these run for every id of every heartbeat)
-def _int(v: Any) -> bool:
-    return type(v) is int and -(2**63) <= v < 2**63
-
-
 def _uint(v: Any) -> bool:
+    # (``type(v) is int``: msgpack makes exact ints, and it rules out bool in one
+    # test; this runs for every id of every heartbeat)
     return type(v) is int and 0 <= v < 2**63
 
 

@@ -55,6 +55,12 @@ def test_metrics_follow_grants_waits_timeouts_and_bad_frames(pg, broker_factory)
     with pytest.raises(PoolTimeout):
         with poolbroker_client.lease(broker=broker.url, timeout=0.2):
             pass
+    # the timed-out request has left the queue (the client's cancel, or the
+    # broker's deadline) before the waiter comes: else ``waiting == 1`` below
+    # could be that request's, not the waiter's
+    left = broker.wait_for(lambda s: s["pools"]["default"]["waiting"] == 0
+                           and s["pools"]["default"]["timeouts"] == 1, timeout=20)
+    assert (left["pools"]["default"]["waiting"], left["pools"]["default"]["timeouts"]) == (0, 1)
     waiter = Worker({**cfg, "n": 1})
     broker.wait_for(lambda s: s["pools"]["default"]["waiting"] == 1, timeout=20)
     assert one(scrape(address), "poolbroker_pool_waiting", pool="default") == 1

@@ -24,7 +24,7 @@ import psycopg2
 from devtools.pgcluster import PgCluster
 
 
-def _machine_cpu() -> float:
+def machine_cpu() -> float:
     """Seconds of CPU the machine has spent, all cores (not idle, not iowait)."""
     with open("/proc/stat") as fh:
         fields = [int(x) for x in fh.readline().split()[1:]]
@@ -38,12 +38,12 @@ def _own_cpu() -> float:
 
 def _measure(n: int, step) -> Tuple[float, float, float]:
     """Per call of ``step``: wall, machine CPU and own CPU, in milliseconds."""
-    machine, own, t0 = _machine_cpu(), _own_cpu(), time.monotonic()
+    machine, own, t0 = machine_cpu(), _own_cpu(), time.monotonic()
     for _ in range(n):
         step()
     wall, own = time.monotonic() - t0, _own_cpu() - own
     time.sleep(0.2)  # the last backends' exits land in the count
-    machine = _machine_cpu() - machine
+    machine = machine_cpu() - machine
     return 1000 * wall / n, 1000 * machine / n, 1000 * own / n
 
 

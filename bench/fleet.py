@@ -32,8 +32,11 @@ inside the query, so its transaction latency is shown instead); connects/s (serv
 side: ``pg_stat_database.sessions``); recalls/s (poolbroker's clients); the
 fewest and most transactions one thread of the flat-out processes made (a pool
 whose returning thread takes its connection straight back serves a few threads
-while the others starve, and only the served threads' waits are counted); the most
-server connections seen (``pg_stat_activity``, sampled every 10 ms). Writes a
+while the others starve, and only the served threads' waits are counted); the
+server connections seen (``pg_stat_activity``, sampled every 10 ms): their
+average over the measured window (below B: slots moving between processes, or
+free) and the most; the share of the whole machine's CPU busy meanwhile
+(``/proc/stat``, all cores: whether CPU is what limits the mode). Writes a
 Markdown table and a PNG chart (matplotlib, the ``bench`` extra). Not a test:
 nothing here asserts a time.
 """
@@ -56,6 +59,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import psycopg2
 import psycopg2.pool
 
+from bench.connect_cost import machine_cpu
 from bench.run import start_broker
 from devtools.pgcluster import PgCluster, free_port
 
@@ -233,12 +237,17 @@ def ensure_pgbouncer() -> Optional[str]:
 # ---------------------------------------------------------------------- parent side
 
 class ServerCounter:
-    """The most client backends seen on one database, sampled every 10 ms."""
+    """The most client backends seen on one database, sampled every 10 ms, and
+    their average while :attr:`counting` (the measured window): below the budget,
+    the average shows slots that hold no connection (a lease moving between
+    processes: a close, the backend's exit, a connect)."""
 
     def __init__(self, dsn: str, dbname: str) -> None:
         self.dsn, self.dbname = dsn, dbname
         self.max = 0
         self.samples = 0
+        self.counting = False
+        self.total = self.counted = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -250,8 +259,12 @@ class ServerCounter:
                 cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                             "AND backend_type = 'client backend'", (self.dbname,))
                 row = cur.fetchone()
-                self.max = max(self.max, row[0] if row else 0)
+                n = row[0] if row else 0
+                self.max = max(self.max, n)
                 self.samples += 1
+                if self.counting:
+                    self.total += n
+                    self.counted += 1
                 self._stop.wait(0.01)
         conn.close()
 
@@ -325,7 +338,10 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
         time.sleep(max(0.0, window - time.time()))
         sessions_before = sessions(admin_dsn, dbname)
         cpu_before = cpu_seconds(broker_pid) if broker_pid else float("nan")
+        machine_before, counter.counting = machine_cpu(), True
         time.sleep(max(0.0, end - time.time()))
+        counter.counting = False
+        machine_after = machine_cpu()
         cpu_after = cpu_seconds(broker_pid) if broker_pid else float("nan")
         results = []
         for proc in procs:
@@ -341,6 +357,9 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
         "mode": mode, "load": load, "tx": tx, "tx_s": tx / args.seconds,
         "utilisation": tx / args.seconds / (args.budget / QUERY_S),
         "max_server": counter.max, "samples": counter.samples,
+        "avg_server": counter.total / counter.counted if counter.counted else float("nan"),
+        # the whole machine, all cores: what is left shows whether CPU is the limit
+        "machine_cpu": (machine_after - machine_before) / args.seconds / (os.cpu_count() or 1),
         "connects_s": connects / args.seconds,
         "recalls_s": sum(r["stats"].get("leases_recalled", 0) for r in results) / args.seconds,
         # idle connections given back because others waited (the client's choice)
@@ -394,7 +413,7 @@ def table(rows: List[Dict[str, Any]], budget: int) -> str:
         if load == "skewed":
             head += " light: wait p99 ms | light: tx latency p99 ms |"
         head += (" tx per thread min / max | connects/s | recalls + yields /s "
-                 f"| max server conns (B={budget}) |")
+                 f"| server conns avg / max (B={budget}) | machine CPU busy |")
         lines.append(head)
         lines.append("|" + "---|" * (head.count("|") - 1))
         for r in group:
@@ -415,7 +434,8 @@ def table(rows: List[Dict[str, Any]], budget: int) -> str:
             cells += [f"{fmt(r.get('thread_tx_min'))} / {fmt(r.get('thread_tx_max'))}",
                       fmt(r["connects_s"], ".1f"),
                       f"{fmt(r['recalls_s'], '.1f')} + {fmt(r.get('yields_s'), '.1f')}",
-                      str(r["max_server"])]
+                      f"{fmt(r.get('avg_server'), '.2f')} / {r['max_server']}",
+                      fmt(100 * r["machine_cpu"], ".0f") + "%" if "machine_cpu" in r else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -538,7 +558,9 @@ def main() -> int:
                                 broker.pid if broker else 0)
                 rows.append(row)
                 print(f"{load:8} {mode:10} {row['tx_s']:7.0f} tx/s  max server "
-                      f"{row['max_server']}  connects/s {row['connects_s']:.1f}  "
+                      f"{row['max_server']} (avg {row['avg_server']:.2f})  "
+                      f"machine CPU {100 * row['machine_cpu']:.0f}%  "
+                      f"connects/s {row['connects_s']:.1f}  "
                       f"recalls/s {row['recalls_s']:.1f}  yields/s {row['yields_s']:.1f}  "
                       f"broker CPU "
                       f"{row['broker_cpu']:.0%}"

@@ -435,7 +435,7 @@ def table(rows: List[Dict[str, Any]], budget: int) -> str:
                       fmt(r["connects_s"], ".1f"),
                       f"{fmt(r['recalls_s'], '.1f')} + {fmt(r.get('yields_s'), '.1f')}",
                       f"{fmt(r.get('avg_server'), '.2f')} / {r['max_server']}",
-                      fmt(100 * r["machine_cpu"], ".0f") + "%" if "machine_cpu" in r else "-"]
+                      fmt(100 * r["machine_cpu"], ".0f") + "%"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -434,7 +434,7 @@ def table(rows: List[Dict[str, Any]], budget: int) -> str:
             cells += [f"{fmt(r.get('thread_tx_min'))} / {fmt(r.get('thread_tx_max'))}",
                       fmt(r["connects_s"], ".1f"),
                       f"{fmt(r['recalls_s'], '.1f')} + {fmt(r.get('yields_s'), '.1f')}",
-                      f"{fmt(r.get('avg_server'), '.2f')} / {r['max_server']}",
+                      f"{fmt(r['avg_server'], '.2f')} / {r['max_server']}",
                       fmt(100 * r["machine_cpu"], ".0f") + "%"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -110,7 +110,8 @@ class Psycopg2Connector(Connector[psycopg2.extensions.connection]):
         return self._statuses.get(conn.get_transaction_status(), Status.BROKEN)
 
     def is_idle(self, conn: Any) -> bool:
-        return not conn.closed and conn.get_transaction_status() == self._idle
+        # closed or broken: libpq's PQtransactionStatus says UNKNOWN, never IDLE
+        return conn.get_transaction_status() == self._idle
 
     def rollback(self, conn: Any) -> None:
         conn.rollback()

@@ -51,20 +51,16 @@ log = logging.getLogger("poolbroker_client")
 class _Conn:
     """A pooled connection and what the pool knows about it."""
 
-    __slots__ = ("conn", "lease", "fd", "created", "returned", "expires", "in_use",
-                 "out_since")
+    __slots__ = ("conn", "lease", "fd", "created", "returned", "expires", "out_since")
 
     def __init__(self, conn: Any, lease: int, fd: Optional[int], expires: float) -> None:
         self.conn = conn
         self.lease = lease
         self.fd = fd
-        self.created = self.returned = self.out_since = time.monotonic()
+        self.created = self.returned = time.monotonic()
         self.expires = expires
-        self.in_use = True
-
-    def check_out(self, now: float) -> None:
-        self.in_use = True
-        self.out_since = now
+        # when it was checked out; None while it is not in use (one store on the hot path)
+        self.out_since: Optional[float] = self.created
 
 
 class _Checkout(Generic[CT]):
@@ -373,9 +369,9 @@ class PoolCore(Generic[CT]):
             if c is None or c.conn is not conn:
                 raise PoolError(f"can't return connection to pool {self.name!r}, "
                                 "it doesn't come from it")
-            if not c.in_use:
+            if c.out_since is None:
                 raise PoolError(f"{self.name}: connection returned twice")
-            c.in_use = False
+            c.out_since = None
         finally:
             self._lock.release()
         if discard:
@@ -579,7 +575,7 @@ class PoolCore(Generic[CT]):
                 self._note_reuse_locked(start)
             if self._idle:
                 c = self._idle.pop()  # LIFO: the spare ones at the left age out
-                c.check_out(start)
+                c.out_since = start
                 return c.conn
             if self.max_waiting and len(self._waiting) >= self.max_waiting:
                 self._stats["requests_errors"] += 1
@@ -782,7 +778,7 @@ class PoolCore(Generic[CT]):
             self._discard(c, "pool closed while connecting", Retire.ROUTINE)
             raise PoolClosed(f"the pool {self.name!r} is closed")
         if not for_caller:
-            c.in_use = False
+            c.out_since = None
             self._give_back(c)
         return conn
 
@@ -844,7 +840,7 @@ class PoolCore(Generic[CT]):
                     w = self._waiting.popleft()
                     if w.done:
                         continue
-                    c.check_out(c.returned)
+                    c.out_since = c.returned
                     w.conn = c
                     w.done = True
                     w.wake()
@@ -906,7 +902,8 @@ class PoolCore(Generic[CT]):
         """Lease id -> ``time.monotonic()`` when its connection was checked out,
         for the connections in use (``poolbroker clients`` shows who holds what).
         Lock-free, as the I/O thread needs: a racy read is fine for a report."""
-        return {c.lease: c.out_since for c in list(self._all.values()) if c.in_use}
+        return {c.lease: c.out_since for c in list(self._all.values())
+                if c.out_since is not None}
 
     def _contended(self) -> bool:
         client = self._client
@@ -998,7 +995,7 @@ class PoolCore(Generic[CT]):
         they come back."""
         with self._lock:
             for c in self._all.values():
-                if c.in_use and c.lease in leases and c.fd is not None:
+                if c.out_since is not None and c.lease in leases and c.fd is not None:
                     closing.cut(c.fd)
                     log.warning("%s: lease %d expired at the broker; its connection in use "
                                 "was cut, the next use fails", self.name, c.lease)
@@ -1183,7 +1180,7 @@ class PoolCore(Generic[CT]):
         if self._idle and not self._closed:
             c = self._idle.pop()
             now = time.monotonic()
-            c.check_out(now)
+            c.out_since = now
             if count_request:
                 self._stats["requests_num"] += 1
                 if self._returns:
@@ -1198,15 +1195,16 @@ class PoolCore(Generic[CT]):
         nothing: then call :meth:`putconn` once the lock is released."""
         c = self._all.get(id(conn))
         client = self._client
-        if (c is None or c.conn is not conn or not c.in_use or self._waiting or self._closed
+        if (c is None or c.conn is not conn or c.out_since is None or self._waiting or self._closed
                 or client is None or self._reset is not None or c.created <= self._drained_at
                 or not self.connector.is_idle(conn)
-                or not client.keeps(self._broker_pool, c.lease)):
+                # calm: no call (every return of a connection comes here)
+                or not (client.session.calm or client.keeps(self._broker_pool, c.lease))):
             return False
         t = time.monotonic()
         if t >= c.expires:
             return False
-        c.in_use = False
+        c.out_since = None
         c.returned = t
         self._idle.append(c)
         self._returns.append(t)

@@ -28,6 +28,7 @@ and never passed to ``psycopg2.connect``; ``broker`` defaults to
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
@@ -71,7 +72,7 @@ class AbstractConnectionPool(Configured):
         self._kwargs = {k: v for k, v in kwargs.items() if k not in POOL_KEYWORDS}
         self._used: Dict[Hashable, Any] = {}
         self._rused: Dict[int, Hashable] = {}
-        self._keys = 0
+        self._keys = itertools.count(1)  # psycopg2.pool's keys: 1, 2, 3, ...
         self._leased = ConnectionPool(
             # min_size 0: psycopg2.pool opens minconn at construction only; keeping
             # them warm forever would hold leases a busier process could use
@@ -91,10 +92,6 @@ class AbstractConnectionPool(Configured):
         """The idle connections (psycopg2.pool keeps them in this list)."""
         return self._leased.idle_connections()
 
-    def _getkey(self) -> int:
-        self._keys += 1
-        return self._keys
-
     def _getconn(self, key: Optional[Hashable] = None) -> Any:
         """Get a free connection, or the one assigned to ``key``."""
         self._lock.acquire()  # not ``with``: about 80 ns less on CPython 3.11 (the hot path)
@@ -102,7 +99,7 @@ class AbstractConnectionPool(Configured):
             if self.closed:
                 raise PoolError("connection pool is closed")
             if key is None:
-                key = self._getkey()
+                key = next(self._keys)  # not a method, as in psycopg2.pool: a call less
             if key in self._used:  # (a caller's key may be one we generate, too)
                 while self._used.get(key, None) is _PENDING:
                     self._filled.wait()

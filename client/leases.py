@@ -127,7 +127,8 @@ class LeaseClient:
     """The process-wide link to one broker. Get it with :meth:`for_url`.
 
     A thin shell: what to send and whom to tell is decided by its
-    :class:`~poolbroker_client.session.LeaseSession` (under this client's lock);
+    :class:`~poolbroker_client.session.LeaseSession`, :attr:`session` (changed
+    only by this client, under its lock; others may read it, e.g. its ``calm``);
     the shell owns the socket, the I/O thread, the callbacks and the pools."""
 
     _registry: Dict[str, "LeaseClient"] = {}
@@ -161,7 +162,7 @@ class LeaseClient:
         self.url = url
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._session = LeaseSession(os.getpid(), socket.gethostname(), application_name(),
+        self.session = LeaseSession(os.getpid(), socket.gethostname(), application_name(),
                                      os.getppid())
         self._outbox: List[bytes] = []
         self._callbacks: Dict[int, LeaseRequest] = {}  # rid -> its request
@@ -202,22 +203,22 @@ class LeaseClient:
     def heartbeat(self) -> float:
         """Seconds between heartbeats (the broker's setting): a thread that was
         frozen for longer may hold leases the broker expired."""
-        return self._session.heartbeat
+        return self.session.heartbeat
 
     @property
     def epoch(self) -> Optional[str]:
         """The broker run we talk to (None before the first welcome)."""
-        return self._session.epoch
+        return self.session.epoch
 
     @property
     def fence(self) -> str:
         """When the broker fences: the tag connections carry before their lease id."""
-        return self._session.fence
+        return self.session.fence
 
     @property
     def last_reply(self) -> Optional[float]:
         """``time.monotonic()`` of the broker's last message (None: never)."""
-        return self._session.last_reply
+        return self.session.last_reply
 
     def in_this_process(self) -> bool:
         """False in a forked child: the client belongs to the parent."""
@@ -233,7 +234,7 @@ class LeaseClient:
         with self._lock:
             self._ensure_started()
             now = time.monotonic()
-            rid, frame = self._session.acquire(pool, timeout, now)
+            rid, frame = self.session.acquire(pool, timeout, now)
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
             self._callbacks[rid] = req
             self._outbox.append(frame)
@@ -245,7 +246,7 @@ class LeaseClient:
         """Withdraw ``req``. True if it took effect (the callback will not run); a
         grant that is already on its way will be released on arrival."""
         with self._lock:
-            frame = self._session.cancel(req.rid)
+            frame = self.session.cancel(req.rid)
             if frame is None:
                 return False
             self._callbacks.pop(req.rid, None)
@@ -263,7 +264,7 @@ class LeaseClient:
         contended, for one). Until then the broker counts the slot: late, never
         over the budget."""
         with self._lock:
-            actions = self._session.release(lease)
+            actions = self.session.release(lease)
             self._outbox += actions.send
         if actions.urgent:
             self._wake()
@@ -274,7 +275,7 @@ class LeaseClient:
         broker keeps counting the slot (or fences it) until we confirm, which
         happens when the server is seen to close the socket, in the background."""
         with self._lock:
-            frame = self._session.release_unconfirmed(lease)
+            frame = self.session.release_unconfirmed(lease)
             if frame is not None:
                 self._outbox.append(frame)
         if frame is None:  # lost meanwhile: the broker does not count it
@@ -304,57 +305,58 @@ class LeaseClient:
     def forget(self, lease: int) -> None:
         """Drop a lease the broker no longer knows (no release is sent)."""
         with self._lock:
-            self._session.forget(lease)
+            self.session.forget(lease)
 
     def connected(self, lease: int, backend_pid: int, user: Optional[str] = None,
                   db: Optional[str] = None) -> None:
         """Tell the broker which backend serves ``lease``, as which role in which
         database (what fencing matches; sent with the next batch, nobody waits)."""
         with self._lock:
-            actions = self._session.connected_frame(lease, backend_pid, user, db)
+            actions = self.session.connected_frame(lease, backend_pid, user, db)
             self._outbox += actions.send
         if actions.urgent:
             self._wake()
 
     def take_recall(self, pool: str) -> bool:
         """True (and one less owed) if the broker wants a lease of ``pool`` back."""
-        if not self._session.debt.get(pool):  # the hot path: a dict read, no lock
+        if not self.session.debt.get(pool):  # the hot path: a dict read, no lock
             return False
         with self._lock:
-            return self._session.take_recall(pool)
+            return self.session.take_recall(pool)
 
     def contended(self, pool: str) -> bool:
         """True while the broker says requests wait in ``pool``: connections idle
         longer than a move costs should go back. False once the broker has been
         silent too long to know (see :meth:`LeaseSession.is_contended`)."""
-        return self._session.is_contended(pool, time.monotonic())
+        return self.session.is_contended(pool, time.monotonic())
 
     def recall_owed(self, pool: str) -> int:
         """How many leases of ``pool`` the broker wants back."""
-        return self._session.debt.get(pool, 0)
+        return self.session.debt.get(pool, 0)
 
     def keeps(self, pool: str, lease: int) -> bool:
         """True if a connection of ``pool`` on ``lease`` may simply go back to its
         pool's idle connections: the lease is not lost, the broker wants none of
-        the pool's leases back, and nobody waits for one (the hot path of every
-        putconn: three dict reads, no lock)."""
-        session = self._session
+        the pool's leases back, and nobody waits for one (three dict reads, no
+        lock). Always True while ``session.calm``: a pool's hot path reads that
+        first."""
+        session = self.session
         return not (lease in session.lost or session.debt.get(pool)
                     or (session.contended.get(pool)
                         and session.is_contended(pool, time.monotonic())))
 
     def is_lost(self, lease: int) -> bool:
         """True if the broker no longer counts ``lease`` (its connection must go)."""
-        return lease in self._session.lost
+        return lease in self.session.lost
 
     def quiet_limit(self) -> float:
         """Seconds without a message after which the broker is not answering."""
-        return self._session.quiet_limit()
+        return self.session.quiet_limit()
 
     def describe_broker(self) -> str:
         """A phrase for error messages: is the broker answering?"""
         now = time.monotonic()
-        last = self._session.last_reply
+        last = self.session.last_reply
         if last is None:
             waited = now - self.started if self.started else 0.0
             return f"broker {self.url} has not answered at all ({waited:.1f}s since first contact)"
@@ -365,14 +367,14 @@ class LeaseClient:
         stall since the last look makes us suspect (see client.stalls)."""
         gap = self._watch.check(time.monotonic(), STALL_GAP * self.heartbeat)
         # once we said hello, grants may be on their way, from before the stall
-        if gap and self._session.hello_gen:
+        if gap and self.session.hello_gen:
             self.suspect(gap)
 
     def suspect(self, stalled: float) -> None:
         """This process stalled (any thread may say so): confirm our leases with
         the broker before new ones are used."""
         with self._lock:
-            rid = self._session.stalled(time.monotonic())
+            rid = self.session.stalled(time.monotonic())
             if rid is None:
                 return
             self.confirmed.clear()
@@ -408,7 +410,7 @@ class LeaseClient:
         self.started = time.monotonic()
         # hello goes first, and requests made from now on belong to its generation
         # (so the welcome does not make us re-send them)
-        self._outbox.insert(0, self._session.hello(time.monotonic()))
+        self._outbox.insert(0, self.session.hello(time.monotonic()))
         self._thread = threading.Thread(target=self._run, name=f"poolbroker-io-{self.url}",
                                         daemon=True)
         self._thread.start()
@@ -422,7 +424,7 @@ class LeaseClient:
 
     def _wake_if_queued(self) -> None:
         # what a caller queued to send itself (acquire(lead=True)) must go out
-        if self._outbox or self._session.releasing:
+        if self._outbox or self.session.releasing:
             self._wake()
 
     def _send_soon(self, frame: bytes) -> None:
@@ -569,7 +571,7 @@ class LeaseClient:
         """What to send now (releases not sent yet last), and whether we stop."""
         with self._lock:
             outbox, self._outbox = self._outbox, []
-            frame = self._session.take_releases()
+            frame = self.session.take_releases()
             if frame is not None:
                 outbox.append(frame)
             return outbox, self._stopping
@@ -622,7 +624,7 @@ class LeaseClient:
             read = True
             # after reading: what the answers queued (and releases kept back
             # while the pool was not contended, if it now is) goes out now
-            sent = bool(self._outbox or self._stopping or self._session.releasing)
+            sent = bool(self._outbox or self._stopping or self.session.releasing)
             if sent:
                 outbox, stopping = self._take_outbox()
                 self._backlog = self._send_all(sock, outbox)
@@ -650,7 +652,7 @@ class LeaseClient:
                           f"{exc}); this process's connections were cut, and the next "
                           "request starts over")
         with self._lock:
-            failed, lost = self._session.died()
+            failed, lost = self.session.died()
             requests = [self._callbacks.pop(rid) for rid in failed if rid in self._callbacks]
             self._callbacks.clear()
             self._outbox = []
@@ -698,13 +700,13 @@ class LeaseClient:
         now = time.monotonic()
         busy = {lease: max(0.0, round(now - t, 3)) for lease, t in since.items()}
         with self._lock:
-            return self._session.heartbeat_frame(idle, now, rid, busy=busy)
+            return self.session.heartbeat_frame(idle, now, rid, busy=busy)
 
     def _retry_unanswered(self) -> None:
         """I/O thread: say hello again if no welcome came, and check again after a
         stall if no answer came (a lost message must not wedge us)."""
         with self._lock:
-            hello, check = self._session.retry(time.monotonic())
+            hello, check = self.session.retry(time.monotonic())
             if hello is not None:
                 self._outbox.append(hello)
         if hello is not None:
@@ -723,7 +725,7 @@ class LeaseClient:
             return
         try:
             with self._lock:
-                actions = self._session.on_message(msg, time.monotonic())
+                actions = self.session.on_message(msg, time.monotonic())
                 self._outbox += actions.send
                 answered: List[Tuple[Optional[LeaseRequest], Optional[int],
                                      Optional[BaseException]]] = [

@@ -20,6 +20,9 @@ The subtle parts live here, each with its rule:
   sent for it, and its connection must go (the pools are told).
 * **recall debt.** The broker says how many leases of a pool it wants back; a
   returning connection pays one (:meth:`LeaseSession.take_recall`).
+* **calm.** While no lease is lost, no recall is owed and no pool is contended,
+  :attr:`LeaseSession.calm` is True: every connection may simply go back to its
+  pool's idle ones (the pools' hot path reads this one flag).
 * **deferred releases.** A release while nobody waits in its pool is not urgent:
   it rides on the next request or heartbeat (their ``released`` field), or goes
   out with whatever the shell sends next (:meth:`LeaseSession.take_releases`).
@@ -89,6 +92,10 @@ class LeaseSession:
         self.lost: Set[int] = set()
         self.debt: Dict[str, int] = {}  # pool -> leases the broker wants back
         self.contended: Dict[str, bool] = {}  # pool -> others wait there
+        #: ``not lost and not any(debt.values()) and not any(contended.values())``,
+        #: kept up to date by every change to them (:meth:`_settle`): read on every
+        #: return of a connection, without the shell's lock
+        self.calm = True
         self.hello_gen = 0
         self.welcomed_gen = 0
         self.heartbeat = 1.0
@@ -118,6 +125,7 @@ class LeaseSession:
         for lease in [lz for lz in self.leases if lz not in self.connected]:
             del self.leases[lease]
             self.lost.add(lease)
+        self._settle()
         return p.encode("hello", pid=self.pid, host=self.host, name=self.name,
                         leases=announced, ppid=self.ppid)
 
@@ -177,9 +185,15 @@ class LeaseSession:
         self._drop(lease)
 
     def _drop(self, lease: int) -> Optional[str]:
-        self.lost.discard(lease)
+        if self.lost:
+            self.lost.discard(lease)
+            self._settle()
         self.connected.discard(lease)
         return self.leases.pop(lease, None)
+
+    def _settle(self) -> None:
+        """Bring :attr:`calm` up to date: call after changing lost, debt or contended."""
+        self.calm = not (self.lost or any(self.debt.values()) or any(self.contended.values()))
 
     def connected_frame(self, lease: int, backend_pid: int, user: Optional[str],
                         db: Optional[str]) -> Actions:
@@ -195,6 +209,7 @@ class LeaseSession:
         """True (and one less owed) if the broker wants a lease of ``pool`` back."""
         if self.debt.get(pool, 0) > 0:
             self.debt[pool] -= 1
+            self._settle()
             return True
         return False
 
@@ -278,6 +293,7 @@ class LeaseSession:
         self.releasing = []  # the broker drops what this identity held
         self.debt.clear()
         self.contended.clear()
+        self._settle()
         self.suspect = False
         self.hello_gen = self.welcomed_gen = self.check_gen = 0
         self.epoch = None
@@ -297,6 +313,7 @@ class LeaseSession:
         if op == "recall":
             self.debt[msg["pool"]] = msg["count"]
             self.contended[msg["pool"]] = msg.get("contended", False)
+            self._settle()
             if msg["count"] or msg.get("contended", False):
                 return Actions(recalled=[msg["pool"]])
             return Actions()
@@ -402,6 +419,7 @@ class LeaseSession:
         for lease in lost:
             del self.leases[lease]
             self.lost.add(lease)
+        self._settle()
         if not lost:
             return Actions()
         return Actions(lost=lost, log=[(

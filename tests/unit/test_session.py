@@ -274,6 +274,7 @@ class SessionAgainstABroker(RuleBasedStateMachine):
         self.given_back = set()
         self.delivered = set()
         self.released = set()
+        self.forgotten = set()  # lost, and their connections closed
         self.send(self.s.hello(self.now))
         self.apply(self.s.on_message(welcome(), self.now))
 
@@ -381,14 +382,47 @@ class SessionAgainstABroker(RuleBasedStateMachine):
         held = {lease for _, _, lease in self.s.held}
         for lease in self.granted:
             places = [lease in self.s.leases, lease in held, lease in self.s.lost,
-                      lease in self.given_back, lease in self.released]
+                      lease in self.given_back, lease in self.released,
+                      lease in self.forgotten]
             assert any(places), f"lease {lease} leaked"
             # delivered leases are the caller's until released or lost
             if lease in self.delivered:
                 assert lease in self.s.leases or lease in self.released \
-                    or lease in self.s.lost
+                    or lease in self.s.lost or lease in self.forgotten
         assert not (set(self.s.leases) & self.s.lost)
         assert self.s.suspect or not self.s.held
+
+    @rule(count=st.integers(0, 2), contended=st.booleans())
+    def broker_recalls(self, count, contended):
+        self.apply(self.s.on_message({"op": "recall", "pool": "default", "count": count,
+                                      "contended": contended}, self.now))
+
+    @rule()
+    def a_recall_is_served(self):
+        self.s.take_recall("default")
+
+    @precondition(lambda self: self.s.lost)
+    @rule(data=st.data())
+    def a_lost_lease_is_forgotten(self, data):
+        # what a pool does once it closed the lost lease's connection
+        lease = data.draw(st.sampled_from(sorted(self.s.lost)))
+        self.s.forget(lease)
+        self.forgotten.add(lease)
+
+    @rule()
+    def the_link_dies(self):
+        failed, _ = self.s.died()
+        for rid in failed:
+            self.answered[rid] = "failed"
+        self.send(self.s.hello(self.now))
+        self.apply(self.s.on_message(welcome(epoch=f"d{self.now}"), self.now))
+
+    @invariant()
+    def calm_means_nothing_to_give_back(self):
+        # pools skip keeps() while calm: it must never be True with a reason to give back
+        s = self.s
+        assert s.calm == (not s.lost and not any(s.debt.values())
+                          and not any(s.contended.values()))
 
     @invariant()
     def requests_are_outstanding_or_answered(self):

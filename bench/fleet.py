@@ -19,7 +19,14 @@ Each mode runs the same fleet against its own database of one throwaway cluster,
 - **poolbroker+reserve** (skewed load only): the same, with a quota
   (:mod:`poolbroker.quotas`) keeping ``--light-reserve`` slots (default 1) for the
   light processes: that slot moves among them and the busy process keeps the rest.
-  Tuned for this load, unlike the other modes.
+  Tuned for this load, unlike the other modes;
+- **alone** and **alone-1** (skewed load only): bounds, not ways to share. The
+  busy process by itself, no light process running, with poolbroker's pool
+  capped at ``B`` (``B - 1``) connections: what the flat-out process makes when
+  no slot ever moves and nothing else needs the database (with every slot but
+  one: the most a policy keeping one for the light processes could leave it).
+  No lease policy can make the busy process faster than **alone**; the light
+  processes add at most one transaction per 52 ms each.
 
 Loads: **uniform** (P processes x T threads, every thread flat out) and **skewed**
 (process 0: T threads flat out; the others: one thread with 50 ms of think time
@@ -69,7 +76,10 @@ QUERY_S = 0.002
 # see --light-reserve)
 RESERVE = "poolbroker+reserve"
 THINK_S = 0.050
-MODES = ("static", "pgbouncer", "poolbroker", RESERVE)
+# bounds for the skewed load: the busy process alone, on B and on B - 1 slots
+ALONE, ALONE_LESS = "alone", "alone-1"
+BOUNDS = (ALONE, ALONE_LESS)
+MODES = ("static", "pgbouncer", "poolbroker", RESERVE, ALONE, ALONE_LESS)
 LOADS = ("uniform", "skewed")
 
 
@@ -92,7 +102,8 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     elif mode == "poolbroker":
         from poolbroker_client import ConnectionPool
 
-        pool = ConnectionPool(dsn, broker=spec["broker"], timeout=60)
+        pool = ConnectionPool(dsn, broker=spec["broker"], timeout=60,
+                              max_size=spec.get("max_size"))
     else:  # pgbouncer: one client connection per thread
         conns = [psycopg2.connect(dsn) for _ in range(threads)]
     print("ready", flush=True)
@@ -317,6 +328,9 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
                       "share": args.budget // args.processes,
                       "threads": 1 if light else args.threads,
                       "think": THINK_S if light else 0.0, "light": light})
+    if mode in BOUNDS:  # the busy process only, on (nearly) every slot: nothing moves
+        specs = [dict(specs[0], mode="poolbroker",
+                      max_size=args.budget - (mode == ALONE_LESS))]
     procs = []
     for spec in specs:
         proc = subprocess.Popen([sys.executable, "-m", "bench.fleet", "--worker", json.dumps(spec)],
@@ -452,7 +466,7 @@ def chart(rows: List[Dict[str, Any]], path: str, title: str) -> Optional[str]:
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     width = 0.8 / max(1, len(modes))
     colors = {"static": "#999999", "pgbouncer": "#4c72b0", "poolbroker": "#dd8452",
-              RESERVE: "#c44e52"}
+              RESERVE: "#c44e52", ALONE: "#55a868", ALONE_LESS: "#8dcf9c"}
     for i, mode in enumerate(modes):
         xs, ys = [], []
         for j, load in enumerate(LOADS):
@@ -467,7 +481,7 @@ def chart(rows: List[Dict[str, Any]], path: str, title: str) -> Optional[str]:
     ax1.set_title("throughput, same budget")
     ax1.set_ylim(0, ax1.get_ylim()[1] * 1.3)  # room for the legend above the bars
     ax1.legend(loc="upper center", ncol=2, fontsize=8)
-    light = [r for r in rows if r["load"] == "skewed"]
+    light = [r for r in rows if r["load"] == "skewed" and "light_lat_p99_ms" in r]  # no bounds
     ax2.bar([r["mode"] for r in light], [r.get("light_lat_p99_ms", 0) for r in light],
             color=[colors[r["mode"]] for r in light])
     ax2.tick_params(axis="x", labelsize=8, labelrotation=15)
@@ -481,7 +495,7 @@ def chart(rows: List[Dict[str, Any]], path: str, title: str) -> Optional[str]:
 
 
 def database(mode: str) -> str:
-    return "bench_" + mode.replace("+", "_")
+    return "bench_" + mode.replace("+", "_").replace("-", "_")
 
 
 def fleet_broker(mode: str, args: Any, tmp: str) -> Tuple[str, subprocess.Popen]:
@@ -544,12 +558,12 @@ def main() -> int:
             if "pgbouncer" in modes:
                 bouncer = PgBouncer(pg, "bench_pgbouncer", args.budget)
             for mode in modes:
-                if mode.startswith("poolbroker"):
+                if mode.startswith("poolbroker") or mode in BOUNDS:
                     brokers[mode] = fleet_broker(mode, args, tmp)
             for load, mode in [(x, m) for _ in range(args.repeat)
                                for x in loads for m in modes]:
-                if mode == RESERVE and load != "skewed":
-                    continue  # all processes are alike: nothing to reserve
+                if (mode == RESERVE or mode in BOUNDS) and load != "skewed":
+                    continue  # all processes are alike: nothing to reserve or bound
                 db = database(mode)
                 dsn = bouncer.dsn if mode == "pgbouncer" and bouncer else \
                     pg.dsn.replace("dbname=postgres", f"dbname={db}")

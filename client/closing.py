@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from . import threads
+
 log = logging.getLogger("poolbroker_client")
 
 _sinks: list = []
@@ -125,7 +127,7 @@ class _EofWatcher:
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="poolbroker-eof-watcher")
-                self._thread.start()
+                threads.start(self._thread)
             self._items[fd] = (sock, on_done, time.monotonic() + limit)
         self._wake_w.send(b"x")
 

@@ -39,7 +39,7 @@ from typing import (
     cast,
 )
 
-from . import closing
+from . import closing, threads
 from .connectors import CT, Connector, Status
 from .errors import BrokerError, PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .leases import LeaseClient, LeaseRequest, settings
@@ -1011,7 +1011,7 @@ class PoolCore(Generic[CT]):
         if self._janitor is None or not self._janitor.is_alive():
             self._janitor = threading.Thread(target=self._janitor_loop,
                                              name=f"poolbroker-{self.name}", daemon=True)
-            self._janitor.start()
+            threads.start(self._janitor)
 
     def _janitor_loop(self) -> None:
         """Close discarded connections, give back those idle while others wait,

@@ -46,7 +46,7 @@ from poolbroker import protocol as p
 from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
 from poolbroker.sockets import NOBLOCK, descriptor, readable, send
 
-from . import closing, lifecycle
+from . import closing, lifecycle, threads
 from .errors import PoolError
 from .session import Actions, LeaseSession
 from .stalls import StallWatch
@@ -413,7 +413,7 @@ class LeaseClient:
         self._outbox.insert(0, self.session.hello(time.monotonic()))
         self._thread = threading.Thread(target=self._run, name=f"poolbroker-io-{self.url}",
                                         daemon=True)
-        self._thread.start()
+        threads.start(self._thread)
         lifecycle.on_first_start()
 
     def _wake(self) -> None:

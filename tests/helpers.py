@@ -96,6 +96,21 @@ def new_tag() -> str:
     return f"pbt-{uuid.uuid4().hex[:8]}"
 
 
+def _group(pgid: int) -> List[int]:
+    """The processes of process group ``pgid`` (from /proc), the leader first."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                pids.append(int(name))
+    return sorted(pids, key=lambda pid: pid != pgid)
+
+
 class Worker:
     """A real worker process running tests/integration/worker.py with a JSON config."""
 
@@ -103,7 +118,8 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, WORKER, json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True)  # its own group: a hang's stacks come from all of it
 
     def wait_line(self, prefix: str, timeout: float = 20.0) -> str:
         """Read stdout until a line starting with ``prefix`` (with a deadline)."""
@@ -125,11 +141,32 @@ class Worker:
         return result[0]
 
     def result(self, timeout: float = 120.0) -> dict:
-        out, err = self.proc.communicate(timeout=timeout)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker still running after {timeout:g}s; "
+                                 f"its stacks:\n{self.stacks()}") from None
         assert self.proc.returncode == 0, f"worker failed ({self.proc.returncode}): {err[-3000:]}"
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
         assert lines, f"worker printed no result; stderr: {err[-3000:]}"
         return json.loads(lines[-1][len("RESULT "):])
+
+    def stacks(self) -> str:
+        """Every thread's stack in the worker and its forked children (faulthandler
+        on SIGUSR1, one process at a time so that their lines do not mix), then kill
+        them all: what a hang's failure message shows."""
+        for pid in _group(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                continue
+            time.sleep(0.5)  # faulthandler writes at once; nothing to wait on but that
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, err = self.proc.communicate()
+        return err[-12000:]
 
     def finish(self) -> None:
         """Let a holding worker go (it exits cleanly when stdin closes)."""

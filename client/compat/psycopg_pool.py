@@ -65,7 +65,7 @@ from typing import (
 
 import psycopg
 
-from .. import errors
+from .. import errors, threads
 from ..connectors import AsyncPsycopgConnector, PsycopgConnector, Status
 from ..core import PoolCore, Retire, Waiter
 from ..pickling import Configured
@@ -666,9 +666,9 @@ class AsyncConnectionPool(_Base, Generic[ACT]):
         except BaseException:
             # closing waits for the server: on a thread, and not awaited (this
             # task may be cancelled); the lease goes back once the server has seen it
-            threading.Thread(target=self._core.open_failed, args=(lease, conn, fd),
-                             name=f"poolbroker-{self.name}-connect-failed",
-                             daemon=True).start()
+            threads.start(threading.Thread(target=self._core.open_failed,
+                                           args=(lease, conn, fd), daemon=True,
+                                           name=f"poolbroker-{self.name}-connect-failed"))
             raise
         return cast(ACT, self._core.add_opened(conn, lease, fd, t0, for_caller=True))
 

@@ -38,6 +38,10 @@ def test_multiprocessing_children_share_the_budget(pg, broker_factory, start, en
     assert result["parent_pid"] not in result["child_pids"]
     assert result["pools_per_child"] and set(result["pools_per_child"]) == {1}, result
     assert result["task_pool_is_initializer_pool"], result
+    # every task saw the client's threads (the lease I/O one at least), none of
+    # which may take the SIGTERM that terminate() sends to the child
+    seen = result["client_threads_sigterm"]
+    assert all(seen) and all(blocks for task in seen for _, blocks in task), seen
     assert sampler.max[tag] <= 3, sampler.max
     assert broker.wait_leased(0, 5.0) == 0, broker.log_text()[-2000:]
 

@@ -14,8 +14,10 @@ Modes:
 Prints ``RESULT <json>`` at the end.
 """
 
+import faulthandler
 import json
 import math
+import signal
 import sys
 import threading
 import time
@@ -185,7 +187,24 @@ def _mp_with_pool(pool):
     with pool.connection(timeout=30) as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
-    return [os.getpid(), id(pool), pool is _MP_POOL]
+    return [os.getpid(), id(pool), pool is _MP_POOL, _client_threads_sigterm()]
+
+
+def _client_threads_sigterm():
+    """{client thread: whether it blocks SIGTERM} in this process, as the kernel
+    sees it (/proc). One that does not could take Pool.terminate()'s SIGTERM while
+    the main thread, which must run the handler, sleeps in a lock: the child would
+    live on."""
+    import signal
+
+    blocks = {}
+    for thread in threading.enumerate():
+        if thread.name.startswith("poolbroker") and thread.native_id is not None:
+            with open(f"/proc/self/task/{thread.native_id}/status") as f:
+                blocked = next(int(line.split()[1], 16) for line in f
+                               if line.startswith("SigBlk:"))
+            blocks[thread.name] = bool(blocked & (1 << (signal.SIGTERM - 1)))
+    return blocks
 
 
 def _mp_init(pool):
@@ -223,11 +242,12 @@ def mp(cfg, pool):
     conn.commit()
     pool.putconn(conn)
     pools_per_child = {}
-    for pid, pool_id, same in passed:
+    for pid, pool_id, same, _ in passed:
         pools_per_child.setdefault(pid, set()).add((pool_id, same))
     return {"parent_pid": parent_pid, "after": after, "child_pids": sorted(set(child_pids)),
             "pools_per_child": sorted(len(v) for v in pools_per_child.values()),
-            "task_pool_is_initializer_pool": all(same for _, _, same in passed)}
+            "task_pool_is_initializer_pool": all(same for _, _, same, _ in passed),
+            "client_threads_sigterm": [sorted(blocks.items()) for *_, blocks in passed]}
 
 
 def fork(cfg, pool):
@@ -332,6 +352,8 @@ def chaos(cfg, pool):
 
 
 def main():
+    # a hung worker's stacks (and its forked children's), for the test's failure message
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     cfg = json.loads(sys.argv[1])
     if cfg.get("app_name"):  # what the broker's quotas match
         import os

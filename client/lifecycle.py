@@ -6,7 +6,8 @@
   its TTL;
 * a multiprocessing child stopped with SIGTERM (``Pool.terminate()``, which is what
   ``with multiprocessing.Pool()`` does on exit) does the same before it dies, if
-  nobody else handles SIGTERM there;
+  nobody else handles SIGTERM there (the client's threads block signals, see
+  :mod:`poolbroker_client.threads`, so the main thread is the one woken);
 * after ``fork()`` the child drops the parent's lease clients (their socket and
   thread are the parent's) and every pool forgets the connections it inherited
   without closing them (that would end the parent's sessions).

@@ -390,11 +390,26 @@ class PoolCore(Generic[CT]):
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiting callers get :class:`PoolClosed`, idle connections
-        are closed and their leases given back; connections in use are closed when
-        they come back."""
+        are closed and their leases given back (the broker has them when this
+        returns, unless it does not answer within a second); connections in use
+        are closed when they come back."""
+        if self._shut(timeout):
+            self._flush()
+
+    def _flush(self) -> None:
+        # releases ride on the next message, and after a close there may be none:
+        # the process may end next without atexit (os._exit, as Celery's and
+        # billiard's children do), and the slots would stay taken until the TTL
+        client = self._client
+        if client is not None and not client.flush():
+            log.info("%s: the broker did not confirm the releases in time; they go with "
+                     "the next message, or come back at the TTL", self.name)
+
+    def _shut(self, timeout: float) -> bool:
+        """:meth:`close` but for the flush; False if the pool was closed already."""
         with self._lock:
             if self._closed:
-                return
+                return False
             self._closed = True
             track_pool(self, False)
             idle = self._take_all_idle_out_locked()
@@ -409,6 +424,7 @@ class PoolCore(Generic[CT]):
         if janitor is not None and janitor is not threading.current_thread():
             janitor.join(timeout)
         log.info("%s: closed", self.name)
+        return True
 
     def __enter__(self) -> "PoolCore[CT]":
         self.open()
@@ -1274,17 +1290,22 @@ class PoolCore(Generic[CT]):
 
     def close_everything(self) -> None:
         """Close the pool and every connection, including those in use (for
-        psycopg2.pool's closeall(), and at interpreter exit, when only daemon
-        threads can still hold one), so every lease goes back."""
-        self.close(timeout=1.0)
+        psycopg2.pool's closeall()), so every lease goes back: the broker has
+        them when this returns, unless it does not answer within a second."""
+        self.close_at_exit()
+        self._flush()
+
+    def close_at_exit(self) -> None:
+        """:meth:`close_everything` without waiting for the broker to confirm the
+        releases: at interpreter exit (when only daemon threads can still hold a
+        connection) the bye that follows makes it drop them all."""
+        self._shut(timeout=1.0)
         with self._lock:
             left = list(self._all.values())
             self._all.clear()
             self._closing += len(left)
         if left:
             self._close_and_release(left)
-
-    close_at_exit = close_everything
 
     def after_fork_in_child(self) -> None:
         """In a forked child: forget every inherited connection without closing it

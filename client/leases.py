@@ -57,6 +57,10 @@ log = logging.getLogger("poolbroker_client")
 # (the broker's default hold: a server notices a vanished client by TCP keepalive).
 UNCONFIRMED_WATCH = 8000.0
 
+# How long closing a pool waits for the broker to confirm the releases it sent
+# (one round trip, unless the broker is slow; see LeaseClient.flush).
+FLUSH_TIMEOUT = 1.0
+
 # How long a waiting thread may read the socket itself (it does the I/O thread's
 # whole job meanwhile, heartbeats included, and hands other threads their
 # answers): a grant usually comes long before; a caller still waiting then goes
@@ -183,6 +187,7 @@ class LeaseClient:
         self._io_aside = False  # the I/O thread found a leader and watches its pipe only
         self.confirmed = threading.Event()  # set while not suspect
         self._direct: Dict[int, float] = {}  # lease() blocks: lease id -> since
+        self._flushes: Dict[int, threading.Event] = {}  # flush(): heartbeat rid -> answered
         self.confirmed.set()
         self.bad_frames = 0  # messages from the broker we could not read or handle
         self.started: Optional[float] = None
@@ -288,6 +293,32 @@ class LeaseClient:
                 self._send_soon(p.encode("release", lease=lease))
 
         closing.watch_until_eof(fd, done, UNCONFIRMED_WATCH)
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Send the releases kept back (see :meth:`release`) now, and wait up to
+        ``timeout`` seconds for the broker to confirm it has them: after True the
+        slots are free however this process ends (``os._exit``, a kill). Waits
+        only for a broker that has been answering; False if nothing confirmed
+        (the releases then go with the next message, or the slots come back at
+        the TTL)."""
+        with self._lock:
+            started = self._thread is not None and not self._stopping
+        if not started:
+            return not self.session.releasing
+        now = time.monotonic()
+        with self._lock:
+            rid = self.session.flush()
+            if rid is None:
+                return True
+            done = self._flushes[rid] = threading.Event()
+        try:
+            self._send_soon(self._heartbeat_frame(rid))
+            answering = self.last_reply is not None and \
+                now - self.last_reply < self.quiet_limit()
+            return answering and done.wait(timeout)
+        finally:
+            with self._lock:
+                self._flushes.pop(rid, None)
 
     def give_back(self, lease: int, late_fd: Optional[int] = None) -> None:
         """After its connection was closed: release ``lease``; unconfirmed if the
@@ -733,6 +764,11 @@ class LeaseClient:
                     for rid, lease in actions.granted]
                 answered += [(self._callbacks.pop(rid, None), None, error)
                              for rid, error in actions.failed]
+            if msg["op"] == "hb" and msg.get("rid") in self._flushes:
+                with self._lock:
+                    flushed = self._flushes.get(msg["rid"])
+                if flushed is not None:
+                    flushed.set()
             if msg["op"] == "welcome":
                 # the broker's heartbeat may be shorter than the one the I/O
                 # thread waits for: no wait may run past it (its TTL, STALL_GAP)

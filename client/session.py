@@ -280,6 +280,15 @@ class LeaseSession:
             fields["released"] = self._released()
         return p.encode("heartbeat", **fields)
 
+    def flush(self) -> Optional[int]:
+        """Releases kept back ride on the next message, which may never come (a
+        process that ends with ``os._exit`` or is killed next): the id of a
+        heartbeat to send now, which carries them, and whose answer (``hb`` with
+        that ``rid``) says the broker has them. None if nothing is kept back."""
+        if not self.releasing:
+            return None
+        return next(self._rids)
+
     def died(self) -> Tuple[List[int], Set[int]]:
         """The link is gone for good: the requests to fail and the leases lost; the
         session starts over (a new hello generation 0, nothing held)."""

@@ -129,6 +129,19 @@ def test_closed_pool_refuses_and_wakes_waiters(pg, broker_factory):
     assert broker.wait_leased(0, 2) == 0
 
 
+def test_after_close_the_leases_are_back_however_the_process_ends(pg, broker_factory):
+    """close() returns once the broker has confirmed its releases (they would
+    otherwise ride on a next message): a process that ends right after without
+    atexit (os._exit, as Celery's children do) holds nothing until the TTL."""
+    broker = broker_factory({"default": 4}, ttl=30.0)
+    tag = new_tag()
+    result = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
+                         threads=2, iterations=5, sleep=0.0, hard_exit=True)).result()
+    assert result["ok"] == 10 and result["stats"]["pool_size"] >= 1, result
+    assert broker.leased() == 0, broker.status()
+    assert count_backends(pg.dsn, tag) == 0
+
+
 def test_local_max_size_caps_this_process(pg, broker_factory):
     broker = broker_factory({"default": 10})
     tag = new_tag()

@@ -371,6 +371,10 @@ def main():
     print("RESULT " + json.dumps(result), flush=True)
     if not cfg.get("no_close"):
         pool.close()
+    if cfg.get("hard_exit"):  # no atexit, no bye: as Celery's (billiard's) children end
+        import os
+
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,24 @@ def test_a_release_rides_on_the_next_request_or_heartbeat():
     assert s.take_releases() is None
 
 
+def test_a_flush_numbers_a_heartbeat_that_carries_the_kept_back_releases():
+    """Closing a pool flushes: the releases kept back go in a numbered heartbeat
+    (the broker answers those), with an id no request uses; nothing to flush,
+    no heartbeat."""
+    s = welcomed()
+    assert s.flush() is None
+    rid, _ = s.acquire("default", 5.0, 0.0)
+    s.on_message(grant(rid, 7), 0.1)
+    s.release(7)
+    beat = s.flush()
+    assert beat is not None and beat != rid
+    msg = decode([s.heartbeat_frame({}, 0.2, beat)])[0]
+    assert msg["rid"] == beat and msg["released"] == [7] and 7 not in msg["leases"]
+    assert s.flush() is None  # the beat took them
+    later, _ = s.acquire("default", 5.0, 0.3)
+    assert later not in (rid, beat)
+
+
 def test_an_urgent_release_takes_the_waiting_ones_along():
     s = welcomed()
     for lease in (1, 2, 3):

@@ -22,11 +22,13 @@ import atexit
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 import weakref
 from typing import Any, List, Protocol
 
-from . import leases
+from . import leases, threads
 
 log = logging.getLogger("poolbroker_client")
 
@@ -128,6 +130,76 @@ def _shutdown_on_sigterm() -> None:
         os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, terminated)
+    _nudge_on_sigterm(terminated)
+
+
+#: Seconds between two nudges of a main thread that has not run the SIGTERM handler.
+NUDGE_EVERY = 0.1
+
+_wakeup: List[Any] = []  # this process's (reader, writer) for signal.set_wakeup_fd
+
+
+def _nudge_on_sigterm(handler: Any) -> None:
+    """Python runs ``handler`` when the main thread next runs Python code. A
+    SIGTERM that lands just before the main thread blocks in C (multiprocessing's
+    task-queue lock, whose wait only a signal interrupts) is noted and never
+    handled: the child lived on, and ``terminate()`` waited for it forever (1 run
+    in 4 under CPU load). Python's C handler also writes the signal's number to
+    the wakeup descriptor, whatever the main thread does: a thread of ours reads
+    it and sends SIGTERM to the main thread again, which interrupts its wait,
+    until the handler has started. Not where the application has a wakeup
+    descriptor of its own (asyncio's signal handlers)."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        previous = None
+    if previous is None or previous != -1:
+        if previous is not None:
+            signal.set_wakeup_fd(previous)  # the application's: leave it
+        reader.close()
+        writer.close()
+        return
+    _wakeup[:] = [reader, writer]
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def watch() -> None:
+        while True:
+            try:
+                arrived = reader.recv(512)
+            except OSError:
+                return
+            if not arrived:
+                return
+            if signal.SIGTERM not in arrived:
+                continue
+            # the handler's first step puts back the default action
+            deadline = time.monotonic() + TERMINATE_GRACE
+            while time.monotonic() < deadline:
+                time.sleep(NUDGE_EVERY)
+                if signal.getsignal(signal.SIGTERM) is not handler:
+                    break
+                log.debug("SIGTERM not handled yet: interrupting the main thread")
+                signal.pthread_kill(main, signal.SIGTERM)
+
+    threads.start(threading.Thread(target=watch, daemon=True, name="poolbroker-sigterm"))
+
+
+def _forget_wakeup_in_child() -> None:
+    # the descriptor is the parent's socket: our signals must not reach its watcher
+    if not _wakeup:
+        return
+    reader, writer = _wakeup
+    try:
+        previous = signal.set_wakeup_fd(-1)
+        if previous != writer.fileno():
+            signal.set_wakeup_fd(previous)
+    except (ValueError, OSError):
+        pass
+    _graveyard.extend((reader, writer))  # not closed: the parent's
+    _wakeup.clear()
 
 
 _shutdown_pid = 0  # the process whose shutdown has begun
@@ -151,6 +223,7 @@ def _after_fork_in_child() -> None:
     # The child must not touch the parent's socket, thread or connections.
     # (pyzmq skips closing inherited sockets in a child.)
     _graveyard.extend(leases.LeaseClient.forget_all())
+    _forget_wakeup_in_child()
     _open_pools.clear()
     for pool in list(_live_pools):
         try:

@@ -111,6 +111,20 @@ def _group(pgid: int) -> List[int]:
     return sorted(pids, key=lambda pid: pid != pgid)
 
 
+def _signal_state(pid: int) -> str:
+    """Each thread's signal masks (pending, blocked, caught; /proc) of ``pid``."""
+    lines = []
+    try:
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            lines.append(f"pid {pid} thread {tid} {fields['Name'].strip()}: " + " ".join(
+                f"{k}={fields[k].strip()}" for k in ("SigPnd", "ShdPnd", "SigBlk", "SigCgt")))
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
 class Worker:
     """A real worker process running tests/integration/worker.py with a JSON config."""
 
@@ -155,7 +169,9 @@ class Worker:
         """Every thread's stack in the worker and its forked children (faulthandler
         on SIGUSR1, one process at a time so that their lines do not mix), then kill
         them all: what a hang's failure message shows."""
+        masks = []
         for pid in _group(self.proc.pid):
+            masks.append(_signal_state(pid))
             try:
                 os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
@@ -166,7 +182,7 @@ class Worker:
         except ProcessLookupError:
             pass
         _, err = self.proc.communicate()
-        return err[-12000:]
+        return "\n".join(masks) + "\n" + err[-12000:]
 
     def finish(self) -> None:
         """Let a holding worker go (it exits cleanly when stdin closes)."""

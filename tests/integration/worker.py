@@ -250,6 +250,44 @@ def mp(cfg, pool):
             "client_threads_sigterm": [sorted(blocks.items()) for *_, blocks in passed]}
 
 
+def _lost_sigterm_child(pool, lock):
+    import signal
+
+    with pool.connection(timeout=30) as conn:  # this child now holds a lease
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    def stray():  # not one of the client's threads: it does not block signals
+        # the main thread is asleep in lock.acquire() by then (nothing can tell us
+        # so: it is in a C wait, and a poll of its state would see it wait for
+        # the GIL we hold as well)
+        time.sleep(0.5)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    threading.Thread(target=stray, daemon=True).start()
+    lock.acquire()  # held by the parent: only a signal ends this wait
+
+
+def lost_sigterm(cfg, pool):
+    """A multiprocessing child whose SIGTERM is taken by a thread other than the
+    main one while the main thread waits in a multiprocessing lock (what a
+    signal landing just before that wait amounts to): the child must still give
+    its lease back and die. Returns its exit code (None: still alive)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    lock = ctx.Lock()
+    lock.acquire()
+    child = ctx.Process(target=_lost_sigterm_child, args=(pool, lock))
+    child.start()
+    child.join(cfg.get("wait", 15))
+    code = child.exitcode
+    if code is None:
+        child.kill()
+        child.join()
+    return {"exitcode": code}
+
+
 def fork(cfg, pool):
     """Fork with one idle and one in-use connection; the child uses the pool, even
     closes the inherited connection by mistake, and exits; the parent's sessions
@@ -363,6 +401,7 @@ def main():
                           min_size=cfg.get("min_size", 0), max_size=cfg.get("max_size"),
                           timeout=cfg.get("timeout", 30), name=cfg.get("name"))
     mode = {"load": load, "hold": hold, "mp": mp, "fork": fork, "idle": idle,
+            "lost_sigterm": lost_sigterm,
             "preexec": preexec, "chaos": chaos, "aload": aload,
             "sqlalchemy": sqlalchemy_load}[cfg["mode"]]
     t0 = time.monotonic()

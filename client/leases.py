@@ -301,12 +301,10 @@ class LeaseClient:
         only for a broker that has been answering; False if nothing confirmed
         (the releases then go with the next message, or the slots come back at
         the TTL)."""
-        with self._lock:
-            started = self._thread is not None and not self._stopping
-        if not started:
-            return not self.session.releasing
         now = time.monotonic()
         with self._lock:
+            if self._thread is None or self._stopping:
+                return not self.session.releasing
             rid = self.session.flush()
             if rid is None:
                 return True

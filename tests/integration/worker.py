@@ -195,8 +195,6 @@ def _client_threads_sigterm():
     sees it (/proc). One that does not could take Pool.terminate()'s SIGTERM while
     the main thread, which must run the handler, sleeps in a lock: the child would
     live on."""
-    import signal
-
     blocks = {}
     for thread in threading.enumerate():
         if thread.name.startswith("poolbroker") and thread.native_id is not None:
@@ -251,8 +249,6 @@ def mp(cfg, pool):
 
 
 def _lost_sigterm_child(pool, lock):
-    import signal
-
     with pool.connection(timeout=30) as conn:  # this child now holds a lease
         with conn.cursor() as cur:
             cur.execute("SELECT 1")

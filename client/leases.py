@@ -487,14 +487,17 @@ class LeaseClient:
             self._leader = threading.get_ident()
             wake_fd, poked, read = self._wake_r.fileno(), False, False
             while True:
-                # (nothing to read before the first wait: zmq_poll sees what waits)
-                if self._pump(sock, poked, io_turn=False, read=read) or done():
+                # (nothing to read before the first wait, nor a look after sending:
+                # zmq_poll sees what waits; a leader leaving without a wait looks)
+                if self._pump(sock, poked, io_turn=False, read=read, look=read):
                     return
-                read = True
                 now = time.monotonic()
                 left = until - now
-                if left <= 0:
+                if done() or left <= 0:
+                    if not read:  # the look skipped: leave nothing unread
+                        self._pump(sock, False, io_turn=False)
                     return
+                read = True
                 left = min(left, self._next_beat - now)  # heartbeats are ours to send too
                 events = waiter.poll(int(max(0.0, left) * 1000) + 1)
                 poked = any(fd == wake_fd for fd, _ in events)
@@ -627,14 +630,15 @@ class LeaseClient:
             return True
 
     def _pump(self, sock: zmq.Socket, poked: bool = True, io_turn: bool = True,
-              read: bool = True) -> bool:
+              read: bool = True, look: bool = True) -> bool:
         """One turn with the socket held (``_sock_lock``): read and handle every
         message, send what is queued, heartbeat when due; leaves nothing unread.
         ``poked``: the wake pipe has bytes to drain; ``io_turn``: the I/O thread's
         turn (it also retries what went unanswered); ``read``: False skips the
-        first read (a leader about to wait in zmq_poll; if it sends, it still
-        looks before returning). True once the client is stopping (the bye has
-        gone out)."""
+        first read (a leader about to wait in zmq_poll); ``look``: False skips
+        the look for arrivals after sending (that leader again: zmq_poll sees
+        them; a holder that does not wait next must look). True once the client
+        is stopping (the bye has gone out)."""
         if poked:
             try:
                 while self._wake_r.recv(4096):
@@ -669,7 +673,7 @@ class LeaseClient:
                 self._next_beat = time.monotonic() + self.heartbeat
                 sent = True
             # sending may have taken the signal of a message that came meanwhile
-            if not sent or not readable(sock):
+            if not sent or not look or not readable(sock):
                 return False
 
     def _died(self, exc: BaseException) -> None:

@@ -582,9 +582,11 @@ class Ledger:
         # (no client has more connections checked out than leases: what a beat
         # lists beyond that is not kept)
         client.busy, client.busy_at = (busy or [])[:len(client.leases)], now
-        changed = {pool for pool in set(idle) | set(client.idle)
-                   if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)}
-        client.idle = {k: v for k, v in idle.items() if k in self.pools}
+        changed: Set[str] = set()
+        if idle != client.idle:  # (a routine beat reports what the last one did)
+            changed = {pool for pool in set(idle) | set(client.idle)
+                       if pool in self.pools and idle.get(pool, 0) != client.idle.get(pool, 0)}
+            client.idle = {k: v for k, v in idle.items() if k in self.pools}
         for pool in changed:
             self._count(self.pools[pool], cid)
         unknown = [lease for lease in leases if lease not in client.leases]
@@ -727,14 +729,19 @@ class Ledger:
 
     def next_deadline(self) -> Optional[float]:
         """The earliest time at which :meth:`tick` has something to do."""
-        top = self._clean_top()
-        times = [top] if top is not None else []
-        times += [pool.quiet_since + CONTENTION_LINGER for pool in self.pools.values()
-                  if pool.contended and pool.quiet_since is not None]
-        times += [pool.rotate_at for pool in self.pools.values() if pool.rotate_at is not None]
+        # (asked before every wait of the broker's loop: one pass, no lists)
+        due = self._clean_top()
+        for pool in self.pools.values():
+            if pool.contended and pool.quiet_since is not None:
+                at = pool.quiet_since + CONTENTION_LINGER
+                due = at if due is None or at < due else due
+            if pool.rotate_at is not None:
+                at = pool.rotate_at
+                due = at if due is None or at < due else due
         if self._in_grace and not self._sweeping:
-            times.append(self.grace_until)
-        return min(times) if times else None
+            at = self.grace_until
+            due = at if due is None or at < due else due
+        return due
 
     # ------------------------------------------------------------------ admin
 

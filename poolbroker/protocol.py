@@ -69,6 +69,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_NAME_CHARS = 200
 MAX_LIST_ITEMS = 4096
 MAX_TIMEOUT = 24 * 3600.0
+_UINT_LIMIT = 2**63  # ids and counts are unsigned 63-bit
 MAX_TEXT_CHARS = 4 * MAX_NAME_CHARS
 #: What ``poolbroker status`` accepts: a status lists every client, and a broker
 #: with a few hundred clients answers with more than MAX_MESSAGE_BYTES.
@@ -119,7 +120,7 @@ def shown(value: Any, limit: int = 60) -> str:
 def _uint(v: Any) -> bool:
     # (``type(v) is int``: msgpack makes exact ints, and it rules out bool in one
     # test; this runs for every id of every heartbeat)
-    return type(v) is int and 0 <= v < 2**63
+    return type(v) is int and 0 <= v < _UINT_LIMIT
 
 
 def _num(v: Any) -> bool:
@@ -140,21 +141,29 @@ def _text(v: Any) -> bool:
 
 
 def _uint_list(v: Any) -> bool:
-    return type(v) is list and len(v) <= MAX_LIST_ITEMS and all(map(_uint, v))
-
-
-def _seconds(v: Any) -> bool:
-    return (type(v) is float or type(v) is int) and 0 <= v < math.inf
+    if type(v) is not list or len(v) > MAX_LIST_ITEMS:
+        return False
+    for x in v:  # (_uint inline: this runs for every id of every heartbeat)
+        if type(x) is not int or not 0 <= x < _UINT_LIMIT:
+            return False
+    return True
 
 
 def _busy_pairs(v: Any) -> bool:
     """[[lease id, seconds checked out], ...]"""
-    return (
-        type(v) is list
-        and len(v) <= MAX_LIST_ITEMS
-        and all(type(x) is list and len(x) == 2 and _uint(x[0]) and _seconds(x[1])
-                for x in v)
-    )
+    if type(v) is not list or len(v) > MAX_LIST_ITEMS:
+        return False
+    # (the checks inline, no call per item: half the cost of an idle fleet's beats)
+    for x in v:
+        if type(x) is not list or len(x) != 2:
+            return False
+        lease, secs = x
+        if type(lease) is not int or not 0 <= lease < _UINT_LIMIT:
+            return False
+        kind = type(secs)  # seconds: finite, not negative (NaN fails both)
+        if (kind is not float and kind is not int) or not 0 <= secs < math.inf:
+            return False
+    return True
 
 
 def _lease_pairs(v: Any) -> bool:

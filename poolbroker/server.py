@@ -373,7 +373,8 @@ class Broker:
         settle = False
         sources = [(src, admin) for src, admin in ((self._sock, False), (self._admin_sock, True))
                    if src is not None]
-        by_fd = {descriptor(src): src for src, _ in sources}
+        socks = [src for src, _ in sources]
+        by_fd = {descriptor(src): src for src in socks}
         wake_fd = self._wake_r.fileno()
         self._quiet = {src: False for src, _ in sources}
         while not self._stop:
@@ -385,7 +386,10 @@ class Broker:
             if settle:  # after a gap: let libzmq hand over what queued meanwhile
                 wait = min(wait, 0.05)
             poked = False
-            if not any(self._has_news(src) for src, _ in sources):
+            for src in socks:
+                if self._has_news(src):
+                    break
+            else:  # nothing waits: wait
                 for fd, _ in poller.poll(wait * 1000.0 + 0.5):
                     if fd == wake_fd:
                         poked = True

@@ -32,6 +32,7 @@ class LeaseIds:
         self.key = key if key is not None else os.urandom(KEY_BYTES)
         if len(self.key) < 16:
             raise ValueError("a lease id key needs at least 16 bytes")
+        self._blake_key = self.key[:64]  # BLAKE2b takes at most 64 bytes of key
         # A random start: a new run's ids differ from the last run's, which clients
         # may still re-announce (issue() also skips any id still in use).
         if first_seq is None:
@@ -42,7 +43,7 @@ class LeaseIds:
         # one per grant: BLAKE2b is built in, and several times cheaper than
         # OpenSSL's HMAC from a cold cache (measured: 4% of the broker's CPU)
         digest = hashlib.blake2b(f"{seq}|{pool}".encode(), digest_size=4,
-                                 key=self.key[:64]).digest()
+                                 key=self._blake_key).digest()
         return int.from_bytes(digest, "big")
 
     def _hmac(self, seq: int, pool: str) -> int:

@@ -1029,8 +1029,12 @@ class Ledger:
         return outs
 
     def _id_in_use(self, lease_id: int) -> bool:
-        return (lease_id in self.expired or lease_id in self.fencing
-                or any(lease_id in pl.leases for pl in self.pools.values()))
+        if lease_id in self.expired or lease_id in self.fencing:
+            return True
+        for pool in self.pools.values():  # (once per grant: no generator)
+            if lease_id in pool.leases:
+                return True
+        return False
 
     def _pick(self, pool: Pool) -> Optional[Waiter]:
         """The oldest waiter whose client is starved (holds less than its

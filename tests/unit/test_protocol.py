@@ -1,5 +1,7 @@
 """The wire protocol: round trips, and every kind of malformed frame rejected."""
 
+import math
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -142,6 +144,40 @@ def test_a_heartbeat_with_a_malformed_busy_list_is_refused(busy):
     frame = p.encode("heartbeat", idle={}, leases=[1], busy=busy)
     with pytest.raises(p.ProtocolError):
         p.decode(frame)
+
+
+def _valid_id(x):
+    return type(x) is int and 0 <= x < 2**63
+
+
+def _valid_busy(v):
+    """What a heartbeat's busy list must be, spelled out: the reference for the
+    decoder's inline checks."""
+    return (type(v) is list and len(v) <= p.MAX_LIST_ITEMS
+            and all(type(x) is list and len(x) == 2 and _valid_id(x[0])
+                    and type(x[1]) in (int, float) and 0 <= x[1] < math.inf for x in v))
+
+
+_items = st.one_of(st.integers(min_value=-2, max_value=2**64 - 1), st.booleans(), st.none(),
+                   st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3))
+_pairs = st.one_of(st.lists(_items, min_size=0, max_size=3),
+                   st.tuples(st.integers(min_value=0, max_value=2**63 + 1),
+                             st.one_of(st.floats(), st.integers(min_value=-1))).map(list),
+                   _items)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(_pairs, max_size=6), _items),
+       st.one_of(st.lists(_items, max_size=6), _items))
+def test_a_heartbeat_is_accepted_exactly_when_its_lists_are_well_formed(busy, leases):
+    frame = p.encode("heartbeat", idle={}, leases=leases, busy=busy)
+    want = _valid_busy(busy) and type(leases) is list and all(map(_valid_id, leases))
+    try:
+        msg = p.decode(frame)
+    except p.ProtocolError:
+        assert not want
+    else:
+        assert want and msg["busy"] == busy and msg["leases"] == leases
 
 
 @pytest.mark.parametrize("op,fields", [("acquire", {"rid": 1, "pool": "p", "timeout": 1.0}),

@@ -392,24 +392,45 @@ class LeaseClient:
         return f"broker {self.url} last answered {now - last:.1f}s ago"
 
     def _check_stall(self) -> None:
-        """Any holder of the socket, after each wait and each message read: a
-        stall since the last look makes us suspect (see client.stalls)."""
-        gap = self._watch.check(time.monotonic(), STALL_GAP * self.heartbeat)
+        """Any holder of the socket, after each wait: a stall since the last look
+        makes us suspect (see client.stalls)."""
+        with self._lock:
+            check = self._stall_check_locked()
+        self._confirm_after(check)
+
+    def _stall_check_locked(self) -> Optional[Tuple[int, float]]:
+        # The look and becoming suspect are one step under the lock, which
+        # handling a frame also holds: another thread's look that finds no gap
+        # (this one took it) must not let a grant through before we are suspect.
+        now = time.monotonic()
+        gap = self._watch.check(now, STALL_GAP * self.heartbeat)
         # once we said hello, grants may be on their way, from before the stall
-        if gap and self.session.hello_gen:
-            self.suspect(gap)
+        if not gap or not self.session.hello_gen:
+            return None
+        return self._stalled_locked(gap, now)
+
+    def _stalled_locked(self, stalled: float, now: float) -> Optional[Tuple[int, float]]:
+        rid = self.session.stalled(now)
+        if rid is None:
+            return None
+        self.confirmed.clear()
+        return rid, stalled
+
+    def _confirm_after(self, check: Optional[Tuple[int, float]]) -> None:
+        """After becoming suspect (outside the lock): ask the broker."""
+        if check is None:
+            return
+        rid, stalled = check
+        log.warning("process stalled for %.1fs: confirming leases with broker %s before "
+                    "using new ones", stalled, self.url)
+        self._send_soon(self._heartbeat_frame(rid))
 
     def suspect(self, stalled: float) -> None:
         """This process stalled (any thread may say so): confirm our leases with
         the broker before new ones are used."""
         with self._lock:
-            rid = self.session.stalled(time.monotonic())
-            if rid is None:
-                return
-            self.confirmed.clear()
-        log.warning("process stalled for %.1fs: confirming leases with broker %s before "
-                    "using new ones", stalled, self.url)
-        self._send_soon(self._heartbeat_frame(rid))
+            check = self._stalled_locked(stalled, time.monotonic())
+        self._confirm_after(check)
 
     def close(self, timeout: float = 2.0) -> None:
         """Say bye (the broker drops whatever we still hold) and stop the thread."""
@@ -649,11 +670,10 @@ class LeaseClient:
             # asking first is cheaper than the exception of an empty recv; the
             # last answer (nothing waits) stands until the socket is used again
             while read and readable(sock):
-                frame = sock.recv(NOBLOCK)
-                # read after a stall, a grant may be one the broker has expired
-                # since: suspect first, so that the session holds it back
-                self._check_stall()
-                self._on_frame(frame)
+                # (read after a stall, a grant may be one the broker has expired
+                # since: _on_frame looks for a stall first, so that the session
+                # holds it back)
+                self._on_frame(sock.recv(NOBLOCK))
             read = True
             # after reading: what the answers queued (and releases kept back
             # while the pool was not contended, if it now is) goes out now
@@ -758,6 +778,7 @@ class LeaseClient:
             return
         try:
             with self._lock:
+                check = self._stall_check_locked()
                 actions = self.session.on_message(msg, time.monotonic())
                 self._outbox += actions.send
                 answered: List[Tuple[Optional[LeaseRequest], Optional[int],
@@ -766,6 +787,7 @@ class LeaseClient:
                     for rid, lease in actions.granted]
                 answered += [(self._callbacks.pop(rid, None), None, error)
                              for rid, error in actions.failed]
+            self._confirm_after(check)
             if msg["op"] == "hb" and msg.get("rid") in self._flushes:
                 with self._lock:
                     flushed = self._flushes.get(msg["rid"])

@@ -127,7 +127,7 @@ class LeaseSession:
             self.lost.add(lease)
         self._settle()
         return p.encode("hello", pid=self.pid, host=self.host, name=self.name,
-                        leases=announced, ppid=self.ppid)
+                        leases=announced, ppid=self.ppid, gen=self.hello_gen)
 
     def acquire(self, pool: str, timeout: float, now: float) -> Tuple[int, bytes]:
         """A new request: its id and the frame to send."""
@@ -377,6 +377,11 @@ class LeaseSession:
         return Actions(failed=[(rid, BrokerError(code, message))])
 
     def _on_welcome(self, msg: Dict[str, Any], now: float) -> Actions:
+        # The hello this welcome answers (a broker that does not echo ``gen``
+        # answers the latest). Across a stall, the welcome to an earlier hello
+        # may still sit in our queue when a later hello has gone out: it must
+        # not pass for the later one's answer.
+        gen = min(msg.get("gen", self.hello_gen), self.hello_gen)
         actions = Actions(urgent=True)
         if self.epoch is not None and msg["epoch"] != self.epoch:
             actions.log.append(("WARNING", f"broker restarted (epoch {self.epoch} -> "
@@ -388,12 +393,12 @@ class LeaseSession:
         fence = msg.get("fence")
         self.fence = fence if isinstance(fence, str) and len(fence) < 20 else ""
         self.heartbeat = max(0.05, float(msg["heartbeat"]))
-        self.welcomed_gen = self.hello_gen
+        self.welcomed_gen = max(self.welcomed_gen, gen)
         for rid, req in self.requests.items():
-            if req.gen < self.hello_gen:
+            if req.gen < gen:
                 left = req.deadline - now
                 if left > 0:
-                    req.gen = self.hello_gen
+                    req.gen = gen
                     actions.send.append(p.encode("acquire", rid=rid, pool=req.pool,
                                                  timeout=left))
         if msg["rejected"]:
@@ -402,7 +407,7 @@ class LeaseSession:
         # forfeits grants held across it (see hello): none is trusted. A welcome
         # to an earlier hello may have waited out the stall in our queue, the
         # broker may have expired us since: the confirming heartbeat decides.
-        if self.hello_gen > self.check_gen:
+        if gen > self.check_gen:
             actions.merge(self._confirm(set()))
         return actions
 

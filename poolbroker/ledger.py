@@ -360,9 +360,12 @@ class Ledger:
         leases: List[Tuple[int, str]] = (),  # type: ignore[assignment]
         now: float,
         ppid: int = 0,
+        gen: Optional[int] = None,
     ) -> List[Out]:
         """A client (re)introduces itself, listing the leases it holds (after a
-        broker restart, or after it was expired while frozen).
+        broker restart, or after it was expired while frozen). ``gen`` (which of
+        its hellos this is) comes back in the welcome, so that a client reading
+        a late welcome knows which hello it answers.
 
         A listed lease is taken back only if it can be real: during the grace
         period after a restart (afterwards its slot may have gone to someone else),
@@ -404,11 +407,12 @@ class Ledger:
             log.warning("client %s (pid %s) re-announced %d lease(s) that cannot be taken "
                         "back (%s); it must close their connections", _label(cid), pid,
                         len(rejected), ", ".join(f"{n} {r}" for r, n in sorted(why.items())))
-        outs: List[Out] = [
-            (cid, "welcome", {"epoch": self.epoch, "ttl": self.ttl,
-                              "heartbeat": self.heartbeat_interval, "rejected": rejected,
-                              "fence": self.fence_tag if self.fence else ""})
-        ]
+        welcome: Dict[str, Any] = {"epoch": self.epoch, "ttl": self.ttl,
+                                   "heartbeat": self.heartbeat_interval, "rejected": rejected,
+                                   "fence": self.fence_tag if self.fence else ""}
+        if gen is not None:
+            welcome["gen"] = gen
+        outs: List[Out] = [(cid, "welcome", welcome)]
         for pool_name in touched:
             outs += self._rebalance(pool_name, now)
         return outs

@@ -9,7 +9,9 @@ Client -> broker ops and their fields:
 
 ==========  ==================================================================
 hello       ``pid`` int, ``host`` str, ``name`` str, ``leases`` list of
-            ``[lease_id, pool]`` the client already holds (re-announce)
+            ``[lease_id, pool]`` the client already holds (re-announce),
+            optional ``ppid`` int, optional ``gen`` int (which of this client's
+            hellos it is: echoed in the ``welcome``)
 acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds
 cancel      ``rid`` int: nobody waits for that request any more
 release     ``lease`` int: the connection is closed and the server saw it go;
@@ -36,7 +38,8 @@ Broker -> client ops:
 
 ==========  ==================================================================
 welcome     ``epoch`` str, ``ttl`` float, ``heartbeat`` float, ``rejected``
-            list of lease ids from hello that the broker did not take back
+            list of lease ids from hello that the broker did not take back,
+            ``gen`` (when the hello had one) the hello it answers
 grant       ``rid`` int, ``pool`` str, ``lease`` int, ``seq`` int (this broker
             run's grant counter: a client echoes the highest it has seen)
 error       ``rid`` int or nil, ``code`` str, ``message`` str
@@ -216,7 +219,10 @@ CLIENT_OPS: dict[str, dict[str, Any]] = {
 # op -> {field: validator} for optional fields: checked when present.
 OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "connected": {"user": _name, "db": _name},
-    "hello": {"ppid": _uint},  # its parent's pid: who may report it exited
+    # ppid: its parent's pid (who may report it exited); gen: which of the
+    # client's hellos this is, echoed in the welcome
+    "hello": {"ppid": _uint, "gen": _uint},
+    "welcome": {"gen": _uint},  # broker -> client
     # ack: False when the client needs no answer unless something is wrong (a
     # client that does not say gets one every time, as before)
     # busy: the leases whose connections are checked out, and for how long

@@ -542,7 +542,7 @@ class Broker:
         if op == "hello":
             return ledger.hello(cid, pid=msg["pid"], host=msg["host"], name=msg["name"],
                                 leases=[(lid, pool) for lid, pool in msg["leases"]], now=now,
-                                ppid=msg.get("ppid", 0))
+                                ppid=msg.get("ppid", 0), gen=msg.get("gen"))
         if op == "exited":
             return ledger.exited(cid, rid=msg["rid"], pid=msg["pid"], host=msg["host"],
                                  parent=msg["parent"], now=now)

@@ -110,7 +110,7 @@ def test_a_grant_that_waited_out_a_freeze_in_the_queue_is_not_used(pg, broker_fa
             ConnectionPool(tagged(pg.dsn, mine_tag), broker=broker.url, timeout=30) as pool:
         with lease(broker=broker.url):  # the whole budget
             waiter = Worker(dict(mode="hold", n=1, dsn=tagged(pg.dsn, waiter_tag),
-                                 broker=broker.url))
+                                 broker=broker.url, log="INFO"))
             # frozen the moment its request is queued: its caller is reading the
             # socket itself then (it leads), not only the I/O thread
             broker.wait_for(lambda s: s["pools"]["default"]["waiting"] == 1, 20)
@@ -123,7 +123,12 @@ def test_a_grant_that_waited_out_a_freeze_in_the_queue_is_not_used(pg, broker_fa
         waiter.proc.send_signal(signal.SIGCONT)
         # woken, it confirms, finds the grant stale and asks again
         status = broker.wait_for(lambda s: s["pools"]["default"]["waiting"] == 1, 20)
-        assert status["pools"]["default"]["waiting"] == 1, status
+        if status["pools"]["default"]["waiting"] != 1:
+            waiter.proc.kill()
+            raise AssertionError(
+                f"the woken waiter did not ask again: {status['pools']['default']}; "
+                f"its backends: {count_backends(pg.dsn, waiter_tag)}; its log:\n"
+                f"{waiter.proc.stderr.read()[-3000:]}\nthe broker's:\n{broker.log_text()[-3000:]}")
         assert count_backends(pg.dsn, waiter_tag) == 0
         conn.close()  # handed back closed: discarded, its lease released
         pool.putconn(conn)

@@ -389,6 +389,11 @@ def main():
     # a hung worker's stacks (and its forked children's), for the test's failure message
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     cfg = json.loads(sys.argv[1])
+    if cfg.get("log"):  # the client's log on stderr, for a failure's message
+        import logging
+
+        logging.basicConfig(level=cfg["log"], format="%(asctime)s %(threadName)s "
+                                                     "%(levelname)s %(message)s")
     if cfg.get("app_name"):  # what the broker's quotas match
         import os
 

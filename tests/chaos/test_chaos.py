@@ -134,13 +134,15 @@ def test_chaos(pg, broker_factory, tmp_path):
     print("chaos report:", tmp_path / "chaos-report.json")
     assert sampler.samples > SECONDS * 20, "the sampler must have watched the run"
     assert sum(faults.values()) - faults["none"] >= 3, "the run must have injected faults"
-    assert len(committed) > 50, "the fleet must have done work"
-    if sampler.max_total > BUDGET:
-        print("OVER BUDGET samples:", json.dumps(sampler.violations, indent=1))
+    if len(committed) <= 50 or sampler.max_total > BUDGET:  # what the diagnosis needs
+        if sampler.max_total > BUDGET:
+            print("OVER BUDGET samples:", json.dumps(sampler.violations, indent=1))
         print("faults:", log)
         for path in sorted(glob.glob(str(tmp_path / "w*.txt.log"))):  # the clients' side
             with open(path) as fh:
                 print(path, "".join(line for line in fh if "WARNING" in line)[-3000:])
+        print("the broker's log:", broker.log_text()[-5000:])
+    assert len(committed) > 50, f"the fleet must have done work: {report}"
     assert sampler.max_total <= BUDGET, report
     assert not lost, f"commits that returned but are not in the table: {sorted(lost)[:5]}"
     assert status["pools"]["default"]["leased"] == 0, report

@@ -155,7 +155,7 @@ def test_the_broker_echoes_the_hello_it_welcomes():
 
     ledger = Ledger({"default": 1}, ttl=3.0)
     s = LeaseSession(1, "host", "")
-    s.hello(0.0)
+    s.hello(0.0)  # (the second hello: its gen is not the default's 1)
     hello = decode([s.hello(0.0)])[0]
     outs = ledger.hello(b"c", pid=hello["pid"], host=hello["host"], name=hello["name"],
                         leases=[], now=0.0, gen=hello.get("gen"))
@@ -426,14 +426,17 @@ class SessionAgainstABroker(RuleBasedStateMachine):
         self.apply(self.s.on_message({"op": "hb", "unknown": unknown,
                                       "rid": self.s.check_rid}, self.now))
 
+    def welcome(self, gen, **fields):
+        """The broker welcomes the hello ``gen``: only one said after the stall
+        vouches for us."""
+        if gen > self.stall_gen:
+            self.unvouched = False
+        self.apply(self.s.on_message(welcome(gen=gen, **fields), self.now))
+
     @precondition(lambda self: self.pending)
     @rule()
     def broker_welcomes(self):
-        # the oldest hello unanswered: one from before a stall vouches for nothing
-        gen = self.pending.pop(0)
-        if gen > self.stall_gen:
-            self.unvouched = False
-        self.apply(self.s.on_message(welcome(gen=gen), self.now))
+        self.welcome(self.pending.pop(0))  # the oldest hello unanswered
 
     @rule()
     def broker_forgets_the_client(self):
@@ -451,11 +454,8 @@ class SessionAgainstABroker(RuleBasedStateMachine):
         self.send(self.s.hello(self.now))
         gen = self.pending[-1]
         self.pending = []  # the new run never saw the earlier hellos
-        if gen > self.stall_gen:
-            self.unvouched = False
         lost = sorted(self.s.leases)[:1] if rejected else []
-        self.apply(self.s.on_message(welcome(epoch=f"e{self.now}", rejected=lost, gen=gen),
-                                     self.now))
+        self.welcome(gen, epoch=f"e{self.now}", rejected=lost)
 
     @precondition(lambda self: self.s.requests)
     @rule(data=st.data())
@@ -503,8 +503,7 @@ class SessionAgainstABroker(RuleBasedStateMachine):
             self.answered[rid] = "failed"
         self.pending, self.unvouched, self.stall_gen = [], False, 0  # a new session
         self.send(self.s.hello(self.now))
-        gen = self.pending.pop()
-        self.apply(self.s.on_message(welcome(epoch=f"d{self.now}", gen=gen), self.now))
+        self.welcome(self.pending.pop(), epoch=f"d{self.now}")
 
     @invariant()
     def suspect_until_the_broker_answers_what_was_said_after_the_stall(self):

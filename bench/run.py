@@ -6,7 +6,9 @@
   vs psycopg2.pool and psycopg_pool's ``connection()``;
 - cold path: lease + connect vs a bare ``psycopg2.connect``;
 - ``lease()`` + release vs a raw pyzmq DEALER/ROUTER msgpack round trip (the
-  floor of one broker exchange), their rounds taken in turn.
+  floor of one broker exchange), their rounds taken in turn: with the echo in a
+  process of its own, as the broker is, and with the echo in a thread of the
+  benchmark's own process (no second process to wake: a faster anchor).
 
 The subjects compared take their rounds in turn. The hot path reports each
 subject's fastest of 25 short rounds, the exchange the median of 25, the cold
@@ -174,13 +176,27 @@ def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
             "poolbroker cold getconn (lease+connect)": statistics.median(pooled)}
 
 
+ECHO_THREAD = "raw pyzmq echo, a thread of this process"
+ECHO_PROCESS = "raw pyzmq echo, a process of its own"
+
+
 def bench_exchange(url: str, n: int, rounds: int) -> Dict[str, float]:
     """``with lease(): pass`` (one acquire answered by a grant, the release riding
     on the next request) against a raw pyzmq DEALER/ROUTER msgpack round trip,
-    their rounds taken in turn."""
+    their rounds taken in turn. Two echoes: a ROUTER in a process of its own (the
+    broker's topology: each round trip wakes another process) and one in a
+    thread of this process (the anchor of earlier runs, faster on this machine)."""
     import poolbroker_client
 
     ctx = zmq.Context.instance()
+    proc_url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
+    server = subprocess.Popen([sys.executable, "-m", "bench.scale", "--role", "echo-server",
+                               proc_url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__))))
+    assert server.stdout is not None and server.stdin is not None
+    if server.stdout.readline().strip() != "ready":
+        raise RuntimeError("the echo server did not start")
     echo_url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
     router = ctx.socket(zmq.ROUTER)
     router.bind(echo_url)
@@ -197,27 +213,37 @@ def bench_exchange(url: str, n: int, rounds: int) -> Dict[str, float]:
     t.start()
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(echo_url)
+    far = ctx.socket(zmq.DEALER)
+    far.connect(proc_url)
     payload = {"v": 1, "op": "acquire", "rid": 1, "pool": "default", "timeout": 30.0}
 
     def rt() -> None:
         dealer.send(msgpack.packb(payload))
         msgpack.unpackb(dealer.recv())
 
+    def rt_far() -> None:
+        far.send(msgpack.packb(payload))
+        msgpack.unpackb(far.recv())
+
     def one() -> None:
         with poolbroker_client.lease(broker=url):
             pass
 
     rt()
+    rt_far()
     one()  # the broker link starts outside the timing
     try:
-        return interleaved({"raw pyzmq DEALER/ROUTER msgpack round trip": rt,
+        return interleaved({ECHO_PROCESS: rt_far, ECHO_THREAD: rt,
                             "poolbroker lease() + release": one}, n, rounds,
                            pick=statistics.median)
     finally:
         stop.set()
         t.join()
         dealer.close(0)
+        far.close(0)
         router.close(0)
+        server.stdin.close()
+        server.wait(10)
 
 
 def main() -> int:
@@ -252,10 +278,10 @@ def main() -> int:
     bare = cold["bare psycopg2.connect"]
     for name, sec in cold.items():
         print(f"  {name:<40} {sec * 1e3:8.3f} ms   {sec / bare:5.2f}x bare connect")
-    print("\nbroker exchange:")
-    echo = rt["raw pyzmq DEALER/ROUTER msgpack round trip"]
+    print("\nbroker exchange (ratios to the echo in its own process, then in a thread):")
+    far, near = rt[ECHO_PROCESS], rt[ECHO_THREAD]
     for name, sec in rt.items():
-        print(f"  {name:<40} {sec * 1e6:8.1f} us   {sec / echo:5.2f}x raw pyzmq echo")
+        print(f"  {name:<40} {sec * 1e6:8.1f} us   {sec / far:5.2f}x   {sec / near:5.2f}x")
     return 0
 
 

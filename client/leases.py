@@ -38,9 +38,10 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import zmq
+from zmq.backend import zmq_poll
 
 from poolbroker import protocol as p
 from poolbroker.security import InsecureEndpoint, apply_client_curve, client_keys
@@ -179,7 +180,8 @@ class LeaseClient:
         # the socket and what goes with it: whoever holds _sock_lock uses them
         self._sock_lock = threading.Lock()
         self._sock: Optional[zmq.Socket] = None  # set by the I/O thread while it runs
-        self._sock_poll: Optional[zmq.Poller] = None  # for leaders: socket and wake pipe
+        # for leaders: zmq_poll's items, the socket and the wake pipe
+        self._sock_poll: Optional[List[Tuple[Any, Any]]] = None
         self._next_beat = 0.0
         self._watch = StallWatch(time.monotonic())  # reset when the I/O thread starts
         self._backlog = False  # the queue to the broker was full at the last send
@@ -237,7 +239,8 @@ class LeaseClient:
         :meth:`serve_until` next, which sends the request (else the I/O thread
         is woken to send it: cheap enough to do under a pool's lock)."""
         with self._lock:
-            self._ensure_started()
+            if self._thread is None:
+                self._ensure_started()
             now = time.monotonic()
             rid, frame = self.session.acquire(pool, timeout, now)
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
@@ -322,7 +325,7 @@ class LeaseClient:
         """After its connection was closed: release ``lease``; unconfirmed if the
         server was not seen to close it (``late_fd``, a duplicate of its socket,
         still open); or just forget it if the broker no longer counts it."""
-        if self.is_lost(lease):
+        if lease in self.session.lost:
             self.forget(lease)
             if late_fd is not None:
                 os.close(late_fd)
@@ -403,7 +406,7 @@ class LeaseClient:
         # handling a frame also holds: another thread's look that finds no gap
         # (this one took it) must not let a grant through before we are suspect.
         now = time.monotonic()
-        gap = self._watch.check(now, STALL_GAP * self.heartbeat)
+        gap = self._watch.check(now, STALL_GAP * self.session.heartbeat)
         # once we said hello, grants may be on their way, from before the stall
         if not gap or not self.session.hello_gen:
             return None
@@ -446,10 +449,9 @@ class LeaseClient:
     # ------------------------------------------------------------- internals
 
     def _ensure_started(self) -> None:
-        # Called with the lock held. Started lazily so that a pool created before
-        # fork() (gunicorn --preload) has no thread or socket to inherit.
-        if self._thread is not None:
-            return
+        # Called with the lock held, when no thread runs. Started lazily so that a
+        # pool created before fork() (gunicorn --preload) has no thread or socket
+        # to inherit.
         # CURVE keys for a tcp broker: read now, so a wrong setting is the caller's
         # error (naming it) rather than a dead I/O thread
         if self.url.startswith("tcp://"):
@@ -506,11 +508,12 @@ class LeaseClient:
                 self._wake_if_queued()
                 return
             self._leader = threading.get_ident()
-            wake_fd, poked, read = self._wake_r.fileno(), False, False
+            poked, read, ready = False, False, False
             while True:
                 # (nothing to read before the first wait, nor a look after sending:
                 # zmq_poll sees what waits; a leader leaving without a wait looks)
-                if self._pump(sock, poked, io_turn=False, read=read, look=read):
+                if self._pump(sock, poked, io_turn=False, read=read, look=read,
+                              ready=ready):
                     return
                 now = time.monotonic()
                 left = until - now
@@ -520,9 +523,15 @@ class LeaseClient:
                     return
                 read = True
                 left = min(left, self._next_beat - now)  # heartbeats are ours to send too
-                events = waiter.poll(int(max(0.0, left) * 1000) + 1)
-                poked = any(fd == wake_fd for fd, _ in events)
-                self._check_stall()
+                # (zmq_poll without zmq.Poller's wrapper: this runs once per lease)
+                poked = ready = False
+                for item, _ in zmq_poll(waiter, int(max(0.0, left) * 1000) + 1):
+                    if item is sock:
+                        ready = True  # a message waits: no need to ask first
+                    else:
+                        poked = True
+                if not ready:  # (a message's handler looks for a stall first)
+                    self._check_stall()
         except Exception as exc:  # as if the I/O thread had met it
             failure = exc
         finally:
@@ -570,9 +579,8 @@ class LeaseClient:
         # Callers that lead wait in zmq_poll, which sees through the signals of
         # libzmq's own housekeeping: on a busy machine those woke a leader
         # polling ZMQ_FD several times per answer.
-        leader_waiter = zmq.Poller()
-        leader_waiter.register(sock, zmq.POLLIN)
-        leader_waiter.register(self._wake_r.fileno(), zmq.POLLIN)
+        leader_waiter: List[Tuple[Any, Any]] = [(sock, zmq.POLLIN),
+                                                (self._wake_r.fileno(), zmq.POLLIN)]
         pipe_only = select.poll()  # while a caller leads
         wake_fd = self._wake_r.fileno()
         pipe_only.register(wake_fd, select.POLLIN)
@@ -651,15 +659,16 @@ class LeaseClient:
             return True
 
     def _pump(self, sock: zmq.Socket, poked: bool = True, io_turn: bool = True,
-              read: bool = True, look: bool = True) -> bool:
+              read: bool = True, look: bool = True, ready: bool = False) -> bool:
         """One turn with the socket held (``_sock_lock``): read and handle every
         message, send what is queued, heartbeat when due; leaves nothing unread.
         ``poked``: the wake pipe has bytes to drain; ``io_turn``: the I/O thread's
         turn (it also retries what went unanswered); ``read``: False skips the
         first read (a leader about to wait in zmq_poll); ``look``: False skips
         the look for arrivals after sending (that leader again: zmq_poll sees
-        them; a holder that does not wait next must look). True once the client
-        is stopping (the bye has gone out)."""
+        them; a holder that does not wait next must look); ``ready``: zmq_poll
+        said a message waits (read it without asking). True once the client is
+        stopping (the bye has gone out)."""
         if poked:
             try:
                 while self._wake_r.recv(4096):
@@ -669,6 +678,14 @@ class LeaseClient:
         while True:
             # asking first is cheaper than the exception of an empty recv; the
             # last answer (nothing waits) stands until the socket is used again
+            if ready:
+                ready = False
+                try:
+                    frame = sock.recv(NOBLOCK)
+                except zmq.Again:  # (zmq_poll said otherwise; then nothing waits)
+                    pass
+                else:
+                    self._on_frame(frame)
             while read and readable(sock):
                 # (read after a stall, a grant may be one the broker has expired
                 # since: _on_frame looks for a stall first, so that the session
@@ -821,7 +838,8 @@ class LeaseClient:
                 _run_callback(req, lease, error)
             elif lease is not None:  # its caller is gone (cannot happen): give it back
                 self.release(lease)
-        self._tell_pools_lost(actions.lost)
+        if actions.lost:
+            self._tell_pools_lost(actions.lost)
         for pool in actions.recalled:
             for owner in list(self._pools):
                 if owner.pool == pool:

@@ -60,6 +60,7 @@ done        ``rid`` int, ``message`` str: an administration request took effect
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import msgpack
@@ -267,12 +268,25 @@ def known_names(names: Any, limit: int = 10) -> str:
     return text + f" and {len(names) - limit} more" if len(names) > limit else text
 
 
+class _Packers(threading.local):
+    """One msgpack Packer per thread: ``msgpack.packb`` builds a new one for
+    every message, which cost as much as the packing itself. (A Packer keeps a
+    buffer and msgpack does not make it thread-safe; under the GIL one
+    ``pack`` call runs whole, but a free-threaded build makes no such promise.)"""
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True)
+
+
+_packers = _Packers()
+
+
 def encode(op: str, **fields: Any) -> bytes:
     """Pack one message. Fields are not validated here: we trust our own code,
     and the tests check that everything we send decodes on the other side."""
     fields["v"] = PROTOCOL_VERSION
     fields["op"] = op
-    frame: bytes = msgpack.packb(fields, use_bin_type=True)  # msgpack is untyped
+    frame: bytes = _packers.packer.pack(fields)  # msgpack is untyped
     return frame
 
 
@@ -313,23 +327,31 @@ def _decode(frame: bytes, ops: dict[str, dict[str, Any]], max_bytes: int) -> dic
         )
     except Exception as exc:  # msgpack raises a zoo of types on garbage
         raise ProtocolError(E_BAD_MESSAGE, f"not msgpack: {type(exc).__name__}") from None
-    if not isinstance(msg, dict):
+    if type(msg) is not dict:  # (msgpack makes exact dicts)
         raise ProtocolError(E_BAD_MESSAGE, "message is not a map")
-    rid = msg.get("rid")
-    rid = rid if _uint(rid) else None
     if msg.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
             E_BAD_VERSION,
             f"protocol version {shown(msg.get('v'))} not supported (want {PROTOCOL_VERSION})",
-            rid,
+            _rid(msg),
         )
-    op = msg.get("op")
-    if not isinstance(op, str) or op not in ops:
-        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {shown(op, 40)}", rid)
-    for field, valid in ops[op].items():
+    op: Any = msg.get("op")
+    required = ops.get(op) if type(op) is str else None
+    if required is None:
+        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {shown(op, 40)}", _rid(msg))
+    for field, valid in required.items():
         if field not in msg or not valid(msg[field]):
-            raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} missing or invalid", rid)
-    for field, valid in OPTIONAL_FIELDS.get(op, {}).items():
-        if field in msg and not valid(msg[field]):
-            raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} invalid", rid)
+            raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} missing or invalid",
+                                _rid(msg))
+    optional = OPTIONAL_FIELDS.get(op)
+    if optional:
+        for field, valid in optional.items():
+            if field in msg and not valid(msg[field]):
+                raise ProtocolError(E_BAD_MESSAGE, f"{op}: field {field!r} invalid", _rid(msg))
     return msg
+
+
+def _rid(msg: dict[str, Any]) -> int | None:
+    """The request id an error about ``msg`` answers (None if it has no valid one)."""
+    rid = msg.get("rid")
+    return rid if _uint(rid) else None

@@ -187,13 +187,11 @@ def bench_exchange(url: str, n: int, rounds: int) -> Dict[str, float]:
     broker's topology: each round trip wakes another process) and one in a
     thread of this process (the anchor of earlier runs, faster on this machine)."""
     import poolbroker_client
+    from bench.scale import spawn  # (bench.scale imports this module)
 
     ctx = zmq.Context.instance()
     proc_url = f"ipc:///tmp/pb-bench-{uuid.uuid4().hex[:8]}.sock"
-    server = subprocess.Popen([sys.executable, "-m", "bench.scale", "--role", "echo-server",
-                               proc_url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=os.path.dirname(os.path.dirname(
-                                  os.path.abspath(__file__))))
+    server = spawn("echo-server", proc_url)
     assert server.stdout is not None and server.stdin is not None
     if server.stdout.readline().strip() != "ready":
         raise RuntimeError("the echo server did not start")
@@ -217,13 +215,13 @@ def bench_exchange(url: str, n: int, rounds: int) -> Dict[str, float]:
     far.connect(proc_url)
     payload = {"v": 1, "op": "acquire", "rid": 1, "pool": "default", "timeout": 30.0}
 
-    def rt() -> None:
-        dealer.send(msgpack.packb(payload))
-        msgpack.unpackb(dealer.recv())
+    def round_trip(sock: zmq.Socket) -> Callable[[], None]:
+        def rt() -> None:
+            sock.send(msgpack.packb(payload))
+            msgpack.unpackb(sock.recv())
+        return rt
 
-    def rt_far() -> None:
-        far.send(msgpack.packb(payload))
-        msgpack.unpackb(far.recv())
+    rt, rt_far = round_trip(dealer), round_trip(far)
 
     def one() -> None:
         with poolbroker_client.lease(broker=url):

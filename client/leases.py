@@ -239,8 +239,7 @@ class LeaseClient:
         :meth:`serve_until` next, which sends the request (else the I/O thread
         is woken to send it: cheap enough to do under a pool's lock)."""
         with self._lock:
-            if self._thread is None:
-                self._ensure_started()
+            self._ensure_started()
             now = time.monotonic()
             rid, frame = self.session.acquire(pool, timeout, now)
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
@@ -325,7 +324,7 @@ class LeaseClient:
         """After its connection was closed: release ``lease``; unconfirmed if the
         server was not seen to close it (``late_fd``, a duplicate of its socket,
         still open); or just forget it if the broker no longer counts it."""
-        if lease in self.session.lost:
+        if self.is_lost(lease):
             self.forget(lease)
             if late_fd is not None:
                 os.close(late_fd)
@@ -406,7 +405,7 @@ class LeaseClient:
         # handling a frame also holds: another thread's look that finds no gap
         # (this one took it) must not let a grant through before we are suspect.
         now = time.monotonic()
-        gap = self._watch.check(now, STALL_GAP * self.session.heartbeat)
+        gap = self._watch.check(now, STALL_GAP * self.heartbeat)
         # once we said hello, grants may be on their way, from before the stall
         if not gap or not self.session.hello_gen:
             return None
@@ -449,9 +448,10 @@ class LeaseClient:
     # ------------------------------------------------------------- internals
 
     def _ensure_started(self) -> None:
-        # Called with the lock held, when no thread runs. Started lazily so that a
-        # pool created before fork() (gunicorn --preload) has no thread or socket
-        # to inherit.
+        # Called with the lock held. Started lazily so that a pool created before
+        # fork() (gunicorn --preload) has no thread or socket to inherit.
+        if self._thread is not None:
+            return
         # CURVE keys for a tcp broker: read now, so a wrong setting is the caller's
         # error (naming it) rather than a dead I/O thread
         if self.url.startswith("tcp://"):
@@ -838,8 +838,7 @@ class LeaseClient:
                 _run_callback(req, lease, error)
             elif lease is not None:  # its caller is gone (cannot happen): give it back
                 self.release(lease)
-        if actions.lost:
-            self._tell_pools_lost(actions.lost)
+        self._tell_pools_lost(actions.lost)
         for pool in actions.recalled:
             for owner in list(self._pools):
                 if owner.pool == pool:

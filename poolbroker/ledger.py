@@ -438,7 +438,9 @@ class Ledger:
         self, cid: ClientId, *, rid: int, pool: str, timeout: float, now: float
     ) -> List[Out]:
         """Ask for one lease in ``pool``; granted at once if the pool has room,
-        otherwise queued until ``now + timeout``."""
+        otherwise queued until ``now + timeout``. With ``timeout`` 0, never
+        queued: a timeout error at once (a client asking ahead of need, which
+        must not make anyone give a lease back)."""
         client, outs = self._known(cid, rid, now)
         if client is None:
             return outs
@@ -477,6 +479,9 @@ class Ledger:
             # the common case, a pool with room that nobody waits for: granted
             # straight away, nothing to queue, recall or tell anyone
             return [self._grant(the_pool, client, rid, now, waited=0.0)]
+        if timeout <= 0:  # asked ahead of need: now or never, so it queues and moves nothing
+            return [self._error(cid, rid, p.E_TIMEOUT, f"no free slot in pool {pool!r} now "
+                                "(a request with timeout 0 does not wait)")]
         self._enqueue(client, Waiter(cid, rid, pool, now + timeout, now))
         return self._rebalance(pool, now)
 

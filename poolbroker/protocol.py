@@ -12,7 +12,8 @@ hello       ``pid`` int, ``host`` str, ``name`` str, ``leases`` list of
             ``[lease_id, pool]`` the client already holds (re-announce),
             optional ``ppid`` int, optional ``gen`` int (which of this client's
             hellos it is: echoed in the ``welcome``)
-acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds
+acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds (0: grant now
+            or answer a timeout at once, never queued)
 cancel      ``rid`` int: nobody waits for that request any more
 release     ``lease`` int: the connection is closed and the server saw it go;
             optional ``unconfirmed`` true: closed, but the server was not seen to

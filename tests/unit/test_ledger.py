@@ -84,6 +84,19 @@ def test_counters_follow_grants_waits_timeouts_recalls_and_expiries():
     assert buckets[0.001] == 1 and buckets[0.25] == 1 and buckets[0.5] == 2
 
 
+def test_a_request_with_timeout_0_is_granted_from_room_or_refused_at_once():
+    ledger = make({"default": 2})
+    held = grant(ledger, A, 1)
+    assert grant(ledger, B, 1, timeout=0.0) is not None, "room: granted as usual"
+    ledger.heartbeat(A, idle={"default": 1}, leases=[held], now=0.1)  # A's lease is idle
+    outs = ledger.acquire(C, rid=1, pool="default", timeout=0.0, now=0.2)
+    assert [(cid, f["code"]) for cid, f in ops(outs, "error")] == [(C, p.E_TIMEOUT)]
+    assert not ops(outs, "recall"), "nobody gives a lease back for a request that does not wait"
+    view = ledger.snapshot(0.2)["pools"]["default"]
+    assert (view["waiting"], view["contended"], view["timeouts"]) == (0, False, 0)
+    assert grant(ledger, C, 2, now=0.3) is None, "a request that waits still queues"
+
+
 def test_release_goes_to_the_oldest_waiter():
     ledger = make({"default": 1})
     lease = grant(ledger, A, 1)

@@ -48,12 +48,14 @@ class LedgerMachine(RuleBasedStateMachine):
         self.known.add(c)
 
     @rule(c=st.sampled_from(CLIENTS), pool=st.sampled_from(sorted(POOLS)),
-          timeout=st.floats(0.1, 10))
+          timeout=st.one_of(st.just(0.0), st.floats(0.1, 10)))
     def acquire(self, c, pool, timeout):
         self.rid += 1
         if c in self.ledger.clients:
             self.waiting[c].add(self.rid)
         self.apply(self.ledger.acquire(c, rid=self.rid, pool=pool, timeout=timeout, now=self.now))
+        if timeout == 0:
+            assert self.rid not in self.waiting[c], "a request with timeout 0 was queued"
 
     @rule(c=st.sampled_from(CLIENTS), data=st.data())
     def release(self, c, data):

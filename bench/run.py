@@ -4,7 +4,8 @@
 
 - hot path: get + put of an idle connection (poolbroker touches no socket here)
   vs psycopg2.pool and psycopg_pool's ``connection()``;
-- cold path: lease + connect vs a bare ``psycopg2.connect``;
+- cold path: lease + connect vs a bare ``psycopg2.connect`` (and with
+  ``lease_ahead=True``, the lease asked for while the previous caller connected);
 - ``lease()`` + release vs a raw pyzmq DEALER/ROUTER msgpack round trip (the
   floor of one broker exchange), their rounds taken in turn: with the echo in a
   process of its own, as the broker is, and with the echo in a thread of the
@@ -131,10 +132,18 @@ def bench_hot(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
         pool.close()
 
 
+COLD = "poolbroker cold getconn (lease+connect)"
+COLD_AHEAD = "the same, lease_ahead=True"
+
+
 def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
-    """Per connection, both sides alike: open a batch of ``n`` connections (timed,
-    one by one), then close the batch (not timed), so that neither side's opens
-    compete with its own closes."""
+    """Per connection, every subject alike: open a batch of ``n`` connections
+    (timed, one by one), then close the batch (not timed), so that no side's
+    opens compete with its own closes. Three subjects, their batches in turn: a
+    bare connect; a pool whose every getconn is cold (a lease round trip, then
+    the connect); and one with ``lease_ahead=True``, where each getconn after
+    the batch's first takes the lease asked for while the previous one
+    connected."""
     batch = min(n, 40)
 
     def bare_round() -> float:
@@ -148,12 +157,7 @@ def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
         time.sleep(0.2)  # let the backends exit before the next round
         return total / batch
 
-    # max_lifetime 0: every returned connection is discarded, so the next getconn
-    # is cold (one lease round trip + connect)
-    pool = ConnectionPool(dsn, broker=url, max_lifetime=0.0)
-    pool.putconn(pool.getconn())  # start the broker link outside the timing
-
-    def pool_round() -> float:
+    def pool_round(pool: ConnectionPool) -> float:
         total, conns = 0.0, []
         for _ in range(batch):
             t0 = time.perf_counter()
@@ -167,13 +171,20 @@ def bench_cold(dsn: str, url: str, n: int, rounds: int) -> Dict[str, float]:
         time.sleep(0.2)
         return total / batch
 
-    bare, pooled = [], []
+    # max_lifetime 0: every returned connection is discarded, so the next getconn
+    # finds the pool empty
+    pools = {COLD: ConnectionPool(dsn, broker=url, max_lifetime=0.0),
+             COLD_AHEAD: ConnectionPool(dsn, broker=url, max_lifetime=0.0, lease_ahead=True)}
+    for pool in pools.values():
+        pool.putconn(pool.getconn())  # start the broker link outside the timing
+    times: Dict[str, List[float]] = {"bare psycopg2.connect": [], COLD: [], COLD_AHEAD: []}
     for _ in range(rounds * max(1, n // batch)):  # interleaved: same conditions
-        bare.append(bare_round())
-        pooled.append(pool_round())
-    pool.close()
-    return {"bare psycopg2.connect": statistics.median(bare),
-            "poolbroker cold getconn (lease+connect)": statistics.median(pooled)}
+        times["bare psycopg2.connect"].append(bare_round())
+        for name, pool in pools.items():
+            times[name].append(pool_round(pool))
+    for pool in pools.values():
+        pool.close()
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 ECHO_THREAD = "raw pyzmq echo, a thread of this process"

@@ -136,7 +136,7 @@ class Waiter:
     block) once it is served; by default it sets ``event``."""
 
     __slots__ = ("event", "wake", "deadline", "done", "conn", "lease", "error", "req",
-                 "warm", "granted_at", "nudge", "thread")
+                 "warm", "granted_at", "nudge", "thread", "ahead")
 
     def __init__(self, deadline: float, warm: bool = False,
                  wake: Optional[Callable[[], None]] = None) -> None:
@@ -154,6 +154,7 @@ class Waiter:
         self.error: Optional[BaseException] = None
         self.req: Optional[LeaseRequest] = None
         self.granted_at = 0.0  # when the grant reached us (a freeze after it shows)
+        self.ahead = False  # served by the lease asked ahead: it waited for no lease
 
     def _set(self) -> None:
         self.event.set()
@@ -190,6 +191,11 @@ class PoolCore(Generic[CT]):
     :param reconnect_timeout: seconds of failing to open connections for
         ``min_size`` after which ``reconnect_failed`` is called (once per outage).
     :param reconnect_failed: called with the pool when that happens.
+    :param lease_ahead: while a caller who found no idle connection connects,
+        ask the broker for one lease more, for the next such caller (a burst, or
+        connections discarded on return): it then only connects. The spare
+        slot has no connection and goes back after 100 ms unused, or at once
+        when others wait in the pool; meanwhile the broker counts it.
     """
 
     _counter = itertools.count(1)
@@ -215,6 +221,7 @@ class PoolCore(Generic[CT]):
         max_waiting: int = 0,
         reconnect_timeout: float = 300.0,
         reconnect_failed: Optional[Callable[[Any], None]] = None,
+        lease_ahead: bool = False,
     ) -> None:
         if min_size < 0:
             raise ValueError("min_size must be >= 0")
@@ -236,6 +243,7 @@ class PoolCore(Generic[CT]):
         self.max_idle = max_idle
         self.max_lifetime = max_lifetime
         self.close_timeout = close_timeout
+        self.lease_ahead = lease_ahead
         self._configure = configure
         self._reset = reset
         self.name = name or f"pool-{next(self._counter)}"
@@ -257,6 +265,12 @@ class PoolCore(Generic[CT]):
         # thread served by a returned connection leaves its request to the next
         # one, so a busy pool sends nothing to the broker in steady state.
         self._reqs: Dict[int, LeaseRequest] = {}
+        # One lease asked for ahead of need (timeout 0: granted from room or
+        # refused, never queued): after a caller waited for a lease in a pool
+        # nobody else waits in, the next caller who finds no idle connection
+        # takes the spare and only connects (see _ask_ahead_locked).
+        self._ahead: Optional[LeaseRequest] = None
+        self._spare: Optional[Tuple[int, float]] = None  # (lease, granted at)
         # what moving a lease costs here (a close seen by the server, and getting
         # one back: the wait for a lease plus the connect), learnt as we go: how
         # long an idle connection is kept while others wait for one (_hold_idle)
@@ -344,7 +358,8 @@ class PoolCore(Generic[CT]):
             assert handed is not None
             return handed
         conn = self.open_leased(lease, got.deadline, for_caller=True, granted_at=got.granted_at)
-        self.note_acquired(start)
+        if not got.ahead:
+            self.note_acquired(start)
         return conn
 
     def putconn(self, conn: CT) -> None:
@@ -413,12 +428,18 @@ class PoolCore(Generic[CT]):
             self._closed = True
             track_pool(self, False)
             idle = self._take_all_idle_out_locked()
+            spare = self._drop_spare_locked()
+            if self._ahead is not None and self._lease_client().cancel(self._ahead):
+                self._pending -= 1
+            self._ahead = None  # (an answer on its way is given back: the pool is closed)
             waiters = list(self._waiting)
             self._waiting.clear()
             for w in waiters:
                 self._fail_locked(w, PoolClosed(f"the pool {self.name!r} is closed"))
             janitor = self._janitor
             self._cond.notify_all()
+        if spare is not None:
+            self._lease_client().release(spare)
         if idle:
             self._close_and_release(idle)
         if janitor is not None and janitor is not threading.current_thread():
@@ -440,8 +461,10 @@ class PoolCore(Generic[CT]):
 
     def get_stats(self) -> Dict[str, Any]:
         """Figures like psycopg_pool's, plus the lease figures: ``leases_held``
-        (connections open, opening or closing), ``leases_requested`` (asks
-        outstanding at the broker), ``leases_recalled``, ``leases_lost``."""
+        (connections open, opening or closing, and a spare lease asked ahead),
+        ``leases_requested`` (asks outstanding at the broker),
+        ``leases_recalled``, ``leases_yielded``, ``leases_ahead`` (callers served
+        by the spare lease, without waiting for the broker), ``leases_lost``."""
         with self._lock:
             stats: Dict[str, Any] = {
                 "pool_min": self.min_size,
@@ -449,7 +472,8 @@ class PoolCore(Generic[CT]):
                 "pool_size": len(self._all) + self._opening,
                 "pool_available": len(self._idle),
                 "requests_waiting": len(self._waiting),
-                "leases_held": len(self._all) + self._opening + self._closing,
+                "leases_held": len(self._all) + self._opening + self._closing
+                + (self._spare is not None),
                 "leases_requested": self._pending,
             }
             for key, value in self._stats.items():
@@ -475,7 +499,8 @@ class PoolCore(Generic[CT]):
     def _capacity_left(self) -> float:
         if self.max_size is None:
             return float("inf")
-        return self.max_size - (len(self._all) + self._opening + self._pending + self._closing)
+        return self.max_size - (len(self._all) + self._opening + self._pending + self._closing
+                                + (self._spare is not None))
 
     def _needing(self) -> int:
         """Callers waiting for a connection that have no lease yet."""
@@ -551,15 +576,84 @@ class PoolCore(Generic[CT]):
             if target is None:
                 spare = lease
             else:
-                self._unqueue(target)
-                target.lease = lease
-                target.granted_at = time.monotonic()
-                target.done = True
-                self._opening += 1
-                target.wake()
-                self._trim_locked()
+                assert lease is not None  # (no error: a grant)
+                self._serve_locked(target, lease)
         if spare is not None:
             self._lease_client().release(spare)
+
+    def _serve_locked(self, target: Waiter, lease: int) -> None:
+        """Hand ``lease`` to ``target``, who connects in it; a caller who had to
+        wait for a lease makes the pool ask for the next one ahead."""
+        self._unqueue(target)
+        target.lease = lease
+        target.granted_at = time.monotonic()
+        target.done = True
+        self._opening += 1
+        target.wake()
+        self._trim_locked()
+        if not target.warm:
+            self._ask_ahead_locked()
+
+    def _ask_ahead_locked(self) -> None:
+        """Ask for one lease before it is needed, while the caller just served
+        connects: the next caller to find no idle connection then takes it and
+        only connects, without a round trip to the broker. Only while nobody
+        else waits in the pool, one at a time, within ``max_size``; with timeout
+        0 the broker grants it from room or refuses it at once, so it never
+        queues there and never makes anyone give a lease back."""
+        if self._ahead is not None and time.monotonic() - self._ahead.created > AHEAD_STALE:
+            # unanswered (lost with a broker restart, say): withdraw it, ask again
+            if self._lease_client().cancel(self._ahead):
+                self._pending -= 1
+            self._ahead = None
+        if (not self.lease_ahead or self._closed or self._ahead is not None
+                or self._spare is not None or self._capacity_left() <= 0 or self._contended()):
+            return
+        self._pending += 1
+        self._ahead = self._lease_client().acquire(self._broker_pool, 0.0, self._on_ahead)
+
+    def _on_ahead(self, req: LeaseRequest, lease: Optional[int],
+                  error: Optional[BaseException]) -> None:
+        """The broker answered the lease asked ahead (I/O thread, no blocking): a
+        waiting caller takes it; else it is kept as the spare for up to
+        :meth:`_spare_hold`, unless others wait in the pool. A refusal (no room
+        now, or an error the callers' own requests will meet) ends it."""
+        give_back = None
+        with self._lock:
+            self._pending -= 1
+            if self._ahead is req:
+                self._ahead = None
+            if lease is None:
+                return
+            target = None if self._closed else \
+                next((w for w in self._waiting if not w.done), None)
+            if target is not None:
+                self._serve_locked(target, lease)
+            elif self._closed or self._spare is not None or self._contended():
+                give_back = lease
+            else:
+                self._spare = (lease, time.monotonic())
+                self._start_janitor_locked()
+                self._cond.notify_all()  # the janitor gives it back if unused
+        if give_back is not None:
+            self._lease_client().release(give_back)
+
+    def _spare_hold(self) -> float:
+        # under half a heartbeat: an older grant would be in doubt (check_fresh)
+        return min(AHEAD_HOLD, self._lease_client().heartbeat / 2)
+
+    def _spare_good_locked(self, now: float) -> bool:
+        """Whether the spare lease may still be connected in: within its hold,
+        not lost, and nobody else waits in the pool (then it goes back)."""
+        spare = self._spare
+        return (spare is not None and now - spare[1] < self._spare_hold()
+                and not self._closed and not self._contended()
+                and not self._lease_client().is_lost(spare[0]))
+
+    def _drop_spare_locked(self) -> Optional[int]:
+        """Take the spare lease out (to give back), if the pool has one."""
+        spare, self._spare = self._spare, None
+        return None if spare is None else spare[0]
 
     def _unqueue(self, w: Waiter) -> None:
         if not w.warm:
@@ -593,6 +687,10 @@ class PoolCore(Generic[CT]):
                 c = self._idle.pop()  # LIFO: the spare ones at the left age out
                 c.out_since = start
                 return c.conn
+            if self._spare is not None:
+                served = self._checkout_spare_locked(start, timeout, wake)
+                if served is not None:
+                    return served
             if self.max_waiting and len(self._waiting) >= self.max_waiting:
                 self._stats["requests_errors"] += 1
                 raise TooManyRequests(f"the pool {self.name!r} has already "
@@ -604,6 +702,26 @@ class PoolCore(Generic[CT]):
         finally:
             self._lock.release()
         return waiter
+
+    def _checkout_spare_locked(self, start: float, timeout: float,
+                               wake: Optional[Callable[[], None]]) -> Optional[Waiter]:
+        """A waiter already served with the spare lease (and the next asked
+        ahead), or None if there is none still good."""
+        spare = self._spare
+        if spare is None or not self._spare_good_locked(start):
+            stale = self._drop_spare_locked()
+            if stale is not None:
+                self._lease_client().release(stale)
+            return None
+        self._spare = None
+        w = Waiter(start + timeout, wake=wake)
+        w.lease, w.granted_at = spare
+        w.done = w.ahead = True
+        self._opening += 1
+        self._stats["leases_ahead"] += 1
+        self._ask_ahead_locked()
+        w.wake()
+        return w
 
     def finish_wait(self, w: Waiter, start: float,
                     timeout: float) -> Tuple[Optional[CT], Optional[int]]:
@@ -911,8 +1029,8 @@ class PoolCore(Generic[CT]):
 
     def idle_leases(self) -> int:
         """Leases held by idle connections (a hint the heartbeat carries: the
-        broker recalls idle ones first)."""
-        return len(self._idle)
+        broker recalls idle ones first); a spare lease asked ahead counts too."""
+        return len(self._idle) + (self._spare is not None)
 
     def checkouts(self) -> Dict[int, float]:
         """Lease id -> ``time.monotonic()`` when its connection was checked out,
@@ -994,6 +1112,11 @@ class PoolCore(Generic[CT]):
         others wait (the janitor gives back what stays idle). I/O thread."""
         client = self._lease_client()
         with self._lock:
+            # a spare lease has no connection to close: it goes first, at once
+            spare = None
+            if self._spare is not None and (client.contended(self._broker_pool)
+                                            or client.take_recall(self._broker_pool)):
+                spare = self._drop_spare_locked()
             self._watch_idle_locked()
             while self._idle and client.recall_owed(self._broker_pool) > 0:
                 if not client.take_recall(self._broker_pool):
@@ -1002,6 +1125,8 @@ class PoolCore(Generic[CT]):
             if self._jobs:
                 self._start_janitor_locked()
                 self._cond.notify_all()
+        if spare is not None:
+            client.release(spare)
 
     def on_lost(self, leases: Set[int]) -> None:
         """Leases the broker no longer knows (I/O thread): their slots may have gone
@@ -1017,6 +1142,8 @@ class PoolCore(Generic[CT]):
                                 "was cut, the next use fails", self.name, c.lease)
             for c in [c for c in self._idle if c.lease in leases]:
                 self._jobs.append(self._take_idle_out_locked(Retire.LOST.value, c))
+            if self._spare is not None and self._spare[0] in leases:
+                self._spare = None  # the broker no longer counts it: nothing to give back
             if self._jobs:
                 self._start_janitor_locked()
                 self._cond.notify_all()
@@ -1039,8 +1166,12 @@ class PoolCore(Generic[CT]):
                     now = time.monotonic()
                     yielded, due = self._yield_due_locked(now)
                     self._jobs.extend(yielded)
-                    if self._jobs or (self._closed and not self._warming):
+                    unused = None if self._spare is None or self._spare_good_locked(now) \
+                        else self._drop_spare_locked()
+                    if self._jobs or unused is not None or (self._closed and not self._warming):
                         break
+                    if self._spare is not None:
+                        due = min(due, self._spare[1] + self._spare_hold())
                     left = min(next_check, due) - now
                     if left <= 0:
                         break
@@ -1048,6 +1179,10 @@ class PoolCore(Generic[CT]):
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 stop = self._closed and not self._jobs and not self._warming
+            if unused is not None:  # a lease asked ahead nobody came for: no connection
+                self._lease_client().release(unused)
+                with self._lock:
+                    self._grow_locked()
             if jobs:
                 self._close_and_release(jobs)
                 continue
@@ -1339,6 +1474,14 @@ HOLD_IDLE_FLOOR = 0.1
 # (_hold_idle). Small: trusting the prediction is where the gain is (skewed fleet:
 # 2,990 tx/s giving back at once vs 2,320 keeping for HOLD_IDLE_FLOOR).
 HOLD_IDLE_TRUST = 0.1
+# How long a lease asked ahead of need (PoolCore._ask_ahead_locked) is kept for
+# the next caller before it goes back: a burst of callers finding no idle
+# connection comes within milliseconds of each other, and while nobody else
+# waits in the pool a slot kept free costs nobody anything (the moment someone
+# does, it goes back at once).
+AHEAD_HOLD = 0.1
+# An ask-ahead unanswered this long is withdrawn (its answer was lost).
+AHEAD_STALE = 5.0
 _RECALLED = "recalled by the broker"
 
 
@@ -1370,5 +1513,5 @@ _STAT_COUNTERS = (
     "requests_num", "requests_queued", "requests_wait_ms", "requests_errors",
     "usage_ms", "returns_bad", "connections_num", "connections_ms", "connections_errors",
     "connections_lost", "connections_closed", "leases_recalled", "leases_yielded",
-    "leases_lost",
+    "leases_lost", "leases_ahead",
 )

@@ -39,6 +39,10 @@ class ConnectionPool(Configured, PoolCore[psycopg2.extensions.connection]):
     :param open: open at once (default); otherwise call :meth:`open`.
     :param close_timeout: seconds to wait for the server to see a connection
         close before its lease goes back unconfirmed.
+    :param lease_ahead: ask for the next lease while a caller connects, so that
+        the next caller finding no idle connection does not wait for the broker
+        (see :class:`~poolbroker_client.core.PoolCore`). Off by default: the
+        spare lease is a slot counted at the broker with no connection.
 
     Use it like psycopg_pool::
 
@@ -65,9 +69,10 @@ class ConnectionPool(Configured, PoolCore[psycopg2.extensions.connection]):
         name: Optional[str] = None,
         open: bool = True,
         close_timeout: float = 10.0,
+        lease_ahead: bool = False,
     ) -> None:
         super().__init__(
             conninfo, connector=Psycopg2Connector(), broker=broker, pool=pool,
             min_size=min_size, max_size=max_size, timeout=timeout, max_idle=max_idle,
             max_lifetime=max_lifetime, kwargs=kwargs, configure=configure, reset=reset,
-            name=name, open=open, close_timeout=close_timeout)
+            name=name, open=open, close_timeout=close_timeout, lease_ahead=lease_ahead)

@@ -594,13 +594,16 @@ class PoolCore(Generic[CT]):
         if not target.warm:
             self._ask_ahead_locked()
 
-    def _ask_ahead_locked(self) -> None:
+    def _ask_ahead_locked(self, lead: bool = True) -> None:
         """Ask for one lease before it is needed, while the caller just served
         connects: the next caller to find no idle connection then takes it and
         only connects, without a round trip to the broker. Only while nobody
         else waits in the pool, one at a time, within ``max_size``; with timeout
         0 the broker grants it from room or refuses it at once, so it never
-        queues there and never makes anyone give a lease back."""
+        queues there and never makes anyone give a lease back. ``lead``: a
+        pump of the broker's socket follows on this thread (a grant's callback,
+        or a caller about to call serve_until), which sends it without waking
+        the I/O thread (see :meth:`LeaseClient.acquire`)."""
         if self._ahead is not None and time.monotonic() - self._ahead.created > AHEAD_STALE:
             # unanswered (lost with a broker restart, say): withdraw it, ask again
             if self._lease_client().cancel(self._ahead):
@@ -610,7 +613,8 @@ class PoolCore(Generic[CT]):
                 or self._spare is not None or self._capacity_left() <= 0 or self._contended()):
             return
         self._pending += 1
-        self._ahead = self._lease_client().acquire(self._broker_pool, 0.0, self._on_ahead)
+        self._ahead = self._lease_client().acquire(self._broker_pool, 0.0, self._on_ahead,
+                                                   lead=lead)
 
     def _on_ahead(self, req: LeaseRequest, lease: Optional[int],
                   error: Optional[BaseException]) -> None:
@@ -688,7 +692,7 @@ class PoolCore(Generic[CT]):
                 c.out_since = start
                 return c.conn
             if self._spare is not None:
-                served = self._checkout_spare_locked(start, timeout, wake)
+                served = self._checkout_spare_locked(start, timeout, wake, lead)
                 if served is not None:
                     return served
             if self.max_waiting and len(self._waiting) >= self.max_waiting:
@@ -704,7 +708,8 @@ class PoolCore(Generic[CT]):
         return waiter
 
     def _checkout_spare_locked(self, start: float, timeout: float,
-                               wake: Optional[Callable[[], None]]) -> Optional[Waiter]:
+                               wake: Optional[Callable[[], None]],
+                               lead: bool) -> Optional[Waiter]:
         """A waiter already served with the spare lease (and the next asked
         ahead), or None if there is none still good."""
         spare = self._spare
@@ -719,7 +724,7 @@ class PoolCore(Generic[CT]):
         w.done = w.ahead = True
         self._opening += 1
         self._stats["leases_ahead"] += 1
-        self._ask_ahead_locked()
+        self._ask_ahead_locked(lead)
         w.wake()
         return w
 

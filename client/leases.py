@@ -492,13 +492,21 @@ class LeaseClient:
         (callbacks run here), never from the I/O thread or an event loop. A
         caller's own ``done`` may be set by another thread meanwhile: that thread
         calls :meth:`nudge`. If the socket is busy it only wakes the I/O thread
-        (to send what :meth:`acquire` queued with ``lead=True``)."""
+        (to send what :meth:`acquire` queued with ``lead=True``); so it does if
+        ``done()`` already and the socket is not free at once (else it sends,
+        reads what came, and returns)."""
         until = min(until, time.monotonic() + LEAD_FOR)
         # someone else leads (and hands us our answer): no waiting for the socket
-        if threading.current_thread() is self._thread or done() or self._leader is not None:
+        if threading.current_thread() is self._thread or self._leader is not None:
             self._wake_if_queued()
             return
-        if not self._sock_lock.acquire(timeout=LEAD_WAIT):
+        if done():  # served already: send what was queued here if the socket is free
+            if not (self._outbox or self.session.releasing):
+                return
+            got = self._sock_lock.acquire(blocking=False)
+        else:
+            got = self._sock_lock.acquire(timeout=LEAD_WAIT)
+        if not got:
             self._wake_if_queued()
             return
         failure: Optional[Exception] = None

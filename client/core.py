@@ -582,8 +582,8 @@ class PoolCore(Generic[CT]):
             self._lease_client().release(spare)
 
     def _serve_locked(self, target: Waiter, lease: int) -> None:
-        """Hand ``lease`` to ``target``, who connects in it; a caller who had to
-        wait for a lease makes the pool ask for the next one ahead."""
+        """Hand ``lease`` to ``target``, who connects in it; with ``lease_ahead``,
+        a caller who had to wait for a lease makes the pool ask for the next one."""
         self._unqueue(target)
         target.lease = lease
         target.granted_at = time.monotonic()

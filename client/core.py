@@ -358,8 +358,7 @@ class PoolCore(Generic[CT]):
             assert handed is not None
             return handed
         conn = self.open_leased(lease, got.deadline, for_caller=True, granted_at=got.granted_at)
-        if not got.ahead:
-            self.note_acquired(start)
+        self.note_acquired(got, start)
         return conn
 
     def putconn(self, conn: CT) -> None:
@@ -429,9 +428,7 @@ class PoolCore(Generic[CT]):
             track_pool(self, False)
             idle = self._take_all_idle_out_locked()
             spare = self._drop_spare_locked()
-            if self._ahead is not None and self._lease_client().cancel(self._ahead):
-                self._pending -= 1
-            self._ahead = None  # (an answer on its way is given back: the pool is closed)
+            self._withdraw_ahead_locked()  # (an answer on its way goes back: closed)
             waiters = list(self._waiting)
             self._waiting.clear()
             for w in waiters:
@@ -562,7 +559,7 @@ class PoolCore(Generic[CT]):
                 timed_out = isinstance(error, BrokerError) and error.code == "timeout"
                 target = w if w is not None and not w.done else None
                 if target is None and not timed_out:
-                    target = next((x for x in self._waiting if not x.done), None)
+                    target = self._first_waiting_locked()
                 if target is not None:
                     self._unqueue(target)
                     self._fail_locked(target, error)
@@ -571,8 +568,7 @@ class PoolCore(Generic[CT]):
             target = None
             if not self._closed:
                 # the longest waiting caller (or w, if still waiting)
-                target = w if w is not None and not w.done else \
-                    next((x for x in self._waiting if not x.done), None)
+                target = w if w is not None and not w.done else self._first_waiting_locked()
             if target is None:
                 spare = lease
             else:
@@ -605,16 +601,20 @@ class PoolCore(Generic[CT]):
         or a caller about to call serve_until), which sends it without waking
         the I/O thread (see :meth:`LeaseClient.acquire`)."""
         if self._ahead is not None and time.monotonic() - self._ahead.created > AHEAD_STALE:
-            # unanswered (lost with a broker restart, say): withdraw it, ask again
-            if self._lease_client().cancel(self._ahead):
-                self._pending -= 1
-            self._ahead = None
+            self._withdraw_ahead_locked()  # unanswered (lost with a broker restart, say)
         if (not self.lease_ahead or self._closed or self._ahead is not None
                 or self._spare is not None or self._capacity_left() <= 0 or self._contended()):
             return
         self._pending += 1
         self._ahead = self._lease_client().acquire(self._broker_pool, 0.0, self._on_ahead,
                                                    lead=lead)
+
+    def _withdraw_ahead_locked(self) -> None:
+        """Cancel the lease asked ahead, if any (an answer already on its way
+        still reaches :meth:`_on_ahead`, which counts it)."""
+        if self._ahead is not None and self._lease_client().cancel(self._ahead):
+            self._pending -= 1
+        self._ahead = None
 
     def _on_ahead(self, req: LeaseRequest, lease: Optional[int],
                   error: Optional[BaseException]) -> None:
@@ -629,8 +629,7 @@ class PoolCore(Generic[CT]):
                 self._ahead = None
             if lease is None:
                 return
-            target = None if self._closed else \
-                next((w for w in self._waiting if not w.done), None)
+            target = None if self._closed else self._first_waiting_locked()
             if target is not None:
                 self._serve_locked(target, lease)
             elif self._closed or self._spare is not None or self._contended():
@@ -658,6 +657,10 @@ class PoolCore(Generic[CT]):
         """Take the spare lease out (to give back), if the pool has one."""
         spare, self._spare = self._spare, None
         return None if spare is None else spare[0]
+
+    def _first_waiting_locked(self) -> Optional[Waiter]:
+        """The caller waiting longest for a connection, if any."""
+        return next((w for w in self._waiting if not w.done), None)
 
     def _unqueue(self, w: Waiter) -> None:
         if not w.warm:
@@ -778,9 +781,12 @@ class PoolCore(Generic[CT]):
         elif lease is not None:
             self._lease_client().release(lease)
 
-    def note_acquired(self, start: float) -> None:
-        """A caller waited from ``start`` for a lease and connected: what getting
-        a slot here costs, a moving average (see :meth:`_hold_idle`)."""
+    def note_acquired(self, w: Waiter, start: float) -> None:
+        """``w``'s caller waited from ``start`` for a lease and connected: what
+        getting a slot here costs, a moving average (see :meth:`_hold_idle`). A
+        caller served by the spare lease waited for none: nothing to learn."""
+        if w.ahead:
+            return
         self._acquire_s += (time.monotonic() - start - self._acquire_s) / 8
 
     def _timeout_message(self, timeout: float) -> str:
@@ -1119,7 +1125,7 @@ class PoolCore(Generic[CT]):
         with self._lock:
             # a spare lease has no connection to close: it goes first, at once
             spare = None
-            if self._spare is not None and (client.contended(self._broker_pool)
+            if self._spare is not None and (self._contended()
                                             or client.take_recall(self._broker_pool)):
                 spare = self._drop_spare_locked()
             self._watch_idle_locked()
@@ -1171,8 +1177,7 @@ class PoolCore(Generic[CT]):
                     now = time.monotonic()
                     yielded, due = self._yield_due_locked(now)
                     self._jobs.extend(yielded)
-                    unused = None if self._spare is None or self._spare_good_locked(now) \
-                        else self._drop_spare_locked()
+                    unused = None if self._spare_good_locked(now) else self._drop_spare_locked()
                     if self._jobs or unused is not None or (self._closed and not self._warming):
                         break
                     if self._spare is not None:

@@ -643,8 +643,7 @@ class AsyncConnectionPool(_Base, Generic[ACT]):
         if lease is None:
             return cast(ACT, conn)
         conn = await self._open_leased(loop, lease, got.deadline, got.granted_at)
-        if not got.ahead:  # (a spare lease asked ahead: no wait to learn from)
-            self._core.note_acquired(start)
+        self._core.note_acquired(got, start)
         return conn
 
     async def _open_leased(self, loop: asyncio.AbstractEventLoop, lease: int,

@@ -545,14 +545,16 @@ class LeaseClient:
         finally:
             self._leader = None
             self._sock_lock.release()
+            # (here, not after the try: every way out of the loop is a return)
+            # The I/O thread stood aside (it looks at its pipe only): if answers
+            # are awaited (another thread's, a lease asked ahead), or pools may be
+            # sent recalls, it must watch the socket again, or they wait for its
+            # next look, up to LED_CHECK. (It says so before it tries the socket,
+            # and we look after letting go.)
+            if failure is None and self._io_aside and (self._callbacks or len(self._pools)):
+                self._wake()
         if failure is not None and sock is not None:
             self._link_failed(sock, failure)
-            return
-        # The I/O thread stood aside (it looks at its pipe only): if answers are
-        # awaited, or pools may be sent recalls, it must watch the socket again.
-        # (It says so before it tries the socket, and we look after letting go.)
-        if self._io_aside and (self._callbacks or len(self._pools)):
-            self._wake()
 
     @property
     def leader(self) -> Optional[int]:

@@ -77,3 +77,31 @@ def test_a_leading_waiter_keeps_the_process_heartbeating(pg, broker_factory, lon
         assert pool.get_stats()["leases_held"] == 2
         pool.putconn(a)
         pool.putconn(b)
+
+
+def test_an_answer_due_after_the_leader_leaves_is_read_at_once(pg, broker_factory,
+                                                                monkeypatch):
+    """A caller served by a grant asks for the next lease ahead (lease_ahead) and
+    leaves before its answer comes: the I/O thread, which stood aside while the
+    caller read the socket, must be told to watch it again. Its own next look is
+    stretched here (LED_CHECK, and heartbeats 40 s apart), so a missed wake-up
+    shows as an answer unread for 40 s, not as a few hundred milliseconds."""
+    monkeypatch.setattr(leases, "LED_CHECK", 60.0)
+    broker = broker_factory({"default": 8}, ttl=120.0)
+    with ConnectionPool(tagged(pg.dsn, new_tag()), broker=broker.url, lease_ahead=True,
+                        max_lifetime=0.0) as pool:  # every connection handed back is closed
+        pool.putconn(pool.getconn())
+        client = LeaseClient.for_url(broker.url)
+        while client.started is None or time.monotonic() - client.started < 1.5:
+            time.sleep(0.05)  # past the first heartbeat: the next is 40 s away
+        for _ in range(10):
+            conn = pool.getconn()
+            deadline = time.monotonic() + 10
+            while pool.get_stats()["leases_requested"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pool.get_stats()["leases_requested"] == 0, "the answer was not read"
+            pool.putconn(conn)
+            # the spare unused: given back, so that the next getconn waits for a grant
+            deadline = time.monotonic() + 10
+            while pool.get_stats()["leases_held"] and time.monotonic() < deadline:
+                time.sleep(0.01)

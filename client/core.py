@@ -193,9 +193,11 @@ class PoolCore(Generic[CT]):
     :param reconnect_failed: called with the pool when that happens.
     :param lease_ahead: while a caller who found no idle connection connects,
         ask the broker for one lease more, for the next such caller (a burst, or
-        connections discarded on return): it then only connects. The spare
-        slot has no connection and goes back after 100 ms unused, or at once
-        when others wait in the pool; meanwhile the broker counts it.
+        connections discarded on return): it then only connects. The broker
+        grants it only while the pool keeps another free slot besides. The
+        spare slot has no connection and goes back after 100 ms unused, or at
+        once when others wait in the pool; meanwhile the broker counts it
+        (``leased`` may be one above this process's connections).
     """
 
     _counter = itertools.count(1)
@@ -594,12 +596,14 @@ class PoolCore(Generic[CT]):
         """Ask for one lease before it is needed, while the caller just served
         connects: the next caller to find no idle connection then takes it and
         only connects, without a round trip to the broker. Only while nobody
-        else waits in the pool, one at a time, within ``max_size``; with timeout
-        0 the broker grants it from room or refuses it at once, so it never
-        queues there and never makes anyone give a lease back. ``lead``: a
-        pump of the broker's socket follows on this thread (a grant's callback,
-        or a caller about to call serve_until), which sends it without waking
-        the I/O thread (see :meth:`LeaseClient.acquire`)."""
+        else waits in the pool, one at a time, within ``max_size``; the broker
+        grants it only from room to spare (a free slot stays besides) or
+        refuses it at once, so it never queues there, never takes the slot
+        another process is about to ask for, and never makes anyone give a
+        lease back. ``lead``: a pump of the broker's socket follows on this
+        thread (a grant's callback, or a caller about to call serve_until),
+        which sends it without waking the I/O thread (see
+        :meth:`LeaseClient.acquire`)."""
         if self._ahead is not None and time.monotonic() - self._ahead.created > AHEAD_STALE:
             self._withdraw_ahead_locked()  # unanswered (lost with a broker restart, say)
         if (not self.lease_ahead or self._closed or self._ahead is not None
@@ -607,7 +611,7 @@ class PoolCore(Generic[CT]):
             return
         self._pending += 1
         self._ahead = self._lease_client().acquire(self._broker_pool, 0.0, self._on_ahead,
-                                                   lead=lead)
+                                                   lead=lead, ahead=True)
 
     def _withdraw_ahead_locked(self) -> None:
         """Cancel the lease asked ahead, if any (an answer already on its way

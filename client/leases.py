@@ -232,16 +232,18 @@ class LeaseClient:
         return self._pid == os.getpid()
 
     def acquire(self, pool: str, timeout: float, callback: Callback, *,
-                lead: bool = False) -> LeaseRequest:
+                lead: bool = False, ahead: bool = False) -> LeaseRequest:
         """Ask for a lease in ``pool``; ``callback(req, lease, error)`` runs on the
         I/O thread (or a leading caller's, see :meth:`serve_until`) when the broker
         answers, unless :meth:`cancel` wins first. ``lead``: the caller calls
         :meth:`serve_until` next, which sends the request (else the I/O thread
-        is woken to send it: cheap enough to do under a pool's lock)."""
+        is woken to send it: cheap enough to do under a pool's lock).
+        ``ahead``: asked ahead of need, now or never (``timeout`` is ignored),
+        and granted only if the pool keeps a free slot besides."""
         with self._lock:
             self._ensure_started()
             now = time.monotonic()
-            rid, frame = self.session.acquire(pool, timeout, now)
+            rid, frame = self.session.acquire(pool, timeout, now, ahead)
             req = LeaseRequest(rid, pool, now + min(timeout, p.MAX_TIMEOUT), callback)
             self._callbacks[rid] = req
             self._outbox.append(frame)

@@ -42,7 +42,8 @@ class ConnectionPool(Configured, PoolCore[psycopg2.extensions.connection]):
     :param lease_ahead: ask for the next lease while a caller connects, so that
         the next caller finding no idle connection does not wait for the broker
         (see :class:`~poolbroker_client.core.PoolCore`). Off by default: the
-        spare lease is a slot counted at the broker with no connection.
+        spare lease is a slot counted at the broker with no connection (granted
+        only from room to spare, for up to 100 ms).
 
     Use it like psycopg_pool::
 

@@ -129,15 +129,19 @@ class LeaseSession:
         return p.encode("hello", pid=self.pid, host=self.host, name=self.name,
                         leases=announced, ppid=self.ppid, gen=self.hello_gen)
 
-    def acquire(self, pool: str, timeout: float, now: float) -> Tuple[int, bytes]:
-        """A new request: its id and the frame to send."""
-        timeout = min(timeout, p.MAX_TIMEOUT)
+    def acquire(self, pool: str, timeout: float, now: float,
+                ahead: bool = False) -> Tuple[int, bytes]:
+        """A new request: its id and the frame to send. ``ahead``: asked ahead
+        of need (timeout 0, granted only from room to spare; see the broker's
+        ``Ledger.acquire``)."""
+        timeout = 0.0 if ahead else min(timeout, p.MAX_TIMEOUT)
         rid = next(self._rids)
         self.requests[rid] = _Request(pool, now + timeout, self.hello_gen)
+        extra: Dict[str, Any] = {"ahead": True} if ahead else {}
         if self.releasing:  # the releases since the last message come along
             return rid, p.encode("acquire", rid=rid, pool=pool, timeout=timeout,
-                                 released=self._released())
-        return rid, p.encode("acquire", rid=rid, pool=pool, timeout=timeout)
+                                 released=self._released(), **extra)
+        return rid, p.encode("acquire", rid=rid, pool=pool, timeout=timeout, **extra)
 
     def cancel(self, rid: int) -> Optional[bytes]:
         """Withdraw a request: the cancel frame, or None if it was answered already."""

@@ -61,6 +61,11 @@ Out = Tuple[ClientId, str, Dict[str, Any]]
 
 #: Seconds a pool stays contended after its queue has emptied.
 CONTENTION_LINGER = 1.0
+#: Seconds after a request last had to wait in a pool before a lease asked ahead
+#: of need is granted there again: where demand came near the budget lately, a
+#: spare slot would only make the next request wait, and that contention makes
+#: every process give back its idle connections.
+AHEAD_CALM = 10.0
 
 #: A request cancelled this close to its deadline is counted as a timeout: its
 #: client gave up at the same deadline (the cancel may arrive before the broker's
@@ -191,6 +196,7 @@ class Pool:
     queue: "OrderedDict[Tuple[ClientId, int], Waiter]" = field(default_factory=OrderedDict)
     contended: bool = False  # requests wait (or did, less than CONTENTION_LINGER ago)
     quiet_since: Optional[float] = None  # when the queue last emptied while contended
+    queued_at: Optional[float] = None  # when a request last had to wait here
     # per client holding or wanting leases here, kept up to date on every change
     # (so that a message never has to scan every lease or waiter)
     demand: Dict[ClientId, "Demand"] = field(default_factory=dict)
@@ -435,12 +441,16 @@ class Ledger:
         return ""
 
     def acquire(
-        self, cid: ClientId, *, rid: int, pool: str, timeout: float, now: float
+        self, cid: ClientId, *, rid: int, pool: str, timeout: float, now: float,
+        ahead: bool = False,
     ) -> List[Out]:
         """Ask for one lease in ``pool``; granted at once if the pool has room,
         otherwise queued until ``now + timeout``. With ``timeout`` 0, never
-        queued: a timeout error at once (a client asking ahead of need, which
-        must not make anyone give a lease back)."""
+        queued: a timeout error at once. ``ahead``: asked ahead of need (a pool
+        that will want it a moment later), now or never whatever the timeout,
+        and only from room to spare: never the pool's last free slot, which
+        someone else may be about to ask for, nor in a pool where a request had
+        to wait less than :data:`AHEAD_CALM` ago."""
         client, outs = self._known(cid, rid, now)
         if client is None:
             return outs
@@ -473,17 +483,30 @@ class Ledger:
         if client.idle.get(pool):
             client.idle[pool] = 0
             self._count(the_pool, cid)
-        if (not the_pool.queue and len(the_pool.leases) < the_pool.max and not self._in_grace
+        if ((not ahead or self._spare_room(the_pool, now)) and not the_pool.queue
+                and len(the_pool.leases) < the_pool.max and not self._in_grace
                 and not the_pool.paused and not the_pool.contended and not the_pool.told
                 and (not the_pool.quotas or self._room(the_pool, cid))):
             # the common case, a pool with room that nobody waits for: granted
             # straight away, nothing to queue, recall or tell anyone
             return [self._grant(the_pool, client, rid, now, waited=0.0)]
-        if timeout <= 0:  # asked ahead of need: now or never, so it queues and moves nothing
+        if ahead:  # now or never: it queues and moves nothing
+            return [self._error(cid, rid, p.E_TIMEOUT, f"no slot to spare in pool {pool!r} "
+                                "now (a lease asked ahead of need takes only room to spare)")]
+        if timeout <= 0:  # now or never: it queues and moves nothing
             return [self._error(cid, rid, p.E_TIMEOUT, f"no free slot in pool {pool!r} now "
                                 "(a request with timeout 0 does not wait)")]
         self._enqueue(client, Waiter(cid, rid, pool, now + timeout, now))
         return self._rebalance(pool, now)
+
+    @staticmethod
+    def _spare_room(pool: Pool, now: float) -> bool:
+        """Whether ``pool`` has a slot to spare for a lease asked ahead of need:
+        another stays free besides, and no request had to wait there lately
+        (demand near the budget: a spare would make the next one wait, and
+        contention makes every process give its idle connections back)."""
+        return (len(pool.leases) + 1 < pool.max
+                and (pool.queued_at is None or now - pool.queued_at >= AHEAD_CALM))
 
     def cancel(self, cid: ClientId, *, rid: int, now: float) -> List[Out]:
         """Nobody waits for request ``rid`` any more. If it was already granted the
@@ -833,6 +856,7 @@ class Ledger:
         client.waiting[waiter.rid] = waiter
         pool = self.pools[waiter.pool]
         pool.queue[(client.id, waiter.rid)] = waiter
+        pool.queued_at = waiter.since
         self.waiting += 1
         self._count(pool, client.id, waiting=1, now=waiter.since)
         self._schedule(waiter.deadline, _WAITER, (client.id, waiter.rid))

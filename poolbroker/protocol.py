@@ -13,7 +13,10 @@ hello       ``pid`` int, ``host`` str, ``name`` str, ``leases`` list of
             optional ``ppid`` int, optional ``gen`` int (which of this client's
             hellos it is: echoed in the ``welcome``)
 acquire     ``rid`` int, ``pool`` str, ``timeout`` float seconds (0: grant now
-            or answer a timeout at once, never queued)
+            or answer a timeout at once, never queued); optional ``ahead`` true:
+            asked ahead of need, granted only from room to spare (another slot
+            free besides, no request waited there lately), else a timeout at
+            once, whatever ``timeout`` says
 cancel      ``rid`` int: nobody waits for that request any more
 release     ``lease`` int: the connection is closed and the server saw it go;
             optional ``unconfirmed`` true: closed, but the server was not seen to
@@ -230,7 +233,8 @@ OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     # busy: the leases whose connections are checked out, and for how long
     "heartbeat": {"rid": _uint, "epoch": _text, "seen": _uint, "ack": _bool,
                   "busy": _busy_pairs, "released": _uint_list},
-    "acquire": {"released": _uint_list},
+    # ahead: asked ahead of need, granted only from room to spare (never queued)
+    "acquire": {"released": _uint_list, "ahead": _bool},
     # leases: also list every lease and waiter (poolbroker clients)
     "status": {"leases": _bool},
     "release": {"unconfirmed": _bool, "released": _uint_list},

@@ -525,7 +525,8 @@ class Broker:
             return outs + self._dispatch(cid, msg, now, admin)
         if op == "acquire":
             return ledger.acquire(cid, rid=msg["rid"], pool=msg["pool"],
-                                  timeout=float(msg["timeout"]), now=now)
+                                  timeout=float(msg["timeout"]), now=now,
+                                  ahead=msg.get("ahead", False))
         if op == "release":
             return ledger.release(cid, lease=msg["lease"], now=now,
                                   unconfirmed=msg.get("unconfirmed", False))

@@ -59,11 +59,13 @@ def test_a_burst_of_cold_getconns_waits_for_the_broker_about_once(pg, broker_fac
 
 def test_a_spare_lease_goes_back_at_once_when_another_process_waits(
         pg, broker_factory, monkeypatch):
-    """A budget of 2: this process holds one connection and the spare lease. A
-    worker process asking for a connection is served well before the spare would
-    expire (kept 10 s here), and the server never sees more than 2."""
+    """A budget of 3: this process holds one connection and the spare lease (the
+    broker grants a spare only while another slot stays free). A worker process
+    whose two threads each want a connection at once takes the free slot, and
+    its second thread is served well before the spare would expire (kept 10 s
+    here): the spare went back. The server never sees more than 3."""
     monkeypatch.setattr(core, "AHEAD_HOLD", 60.0)
-    broker = broker_factory({"default": 2}, ttl=60.0)  # a heartbeat of 20 s: hold 10 s
+    broker = broker_factory({"default": 3}, ttl=60.0)  # a heartbeat of 20 s: hold 10 s
     tag = new_tag()
     with Sampler(pg.dsn, [tag]) as sampler:
         pool = ConnectionPool(tagged(pg.dsn, tag), broker=broker.url, lease_ahead=True)
@@ -73,13 +75,32 @@ def test_a_spare_lease_goes_back_at_once_when_another_process_waits(
                 pool.get_stats()
             assert broker.wait_leased(2, 5) == 2
             other = Worker(dict(mode="load", dsn=tagged(pg.dsn, tag), broker=broker.url,
-                                threads=1, iterations=1, sleep=0.01, timeout=5)).result()
-            assert other["ok"] == 1 and other["timeouts"] == 0, other
+                                threads=2, iterations=1, sleep=0.5, timeout=5)).result()
+            assert other["ok"] == 2 and other["timeouts"] == 0, other
             assert pool.get_stats()["leases_held"] == 1, "the spare went back"
             pool.putconn(conn)
         finally:
             pool.close()
-    assert sampler.max[tag] <= 2
+    assert sampler.max[tag] <= 3
+    assert broker.wait_leased(0, 5) == 0
+
+
+def test_no_spare_is_granted_from_the_last_free_slot(pg, broker_factory):
+    """A budget of 2: after this process's first connection only one slot is
+    free, and a lease asked ahead of need never takes the last one (another
+    process may be about to ask for it): the broker refuses it at once."""
+    broker = broker_factory({"default": 2})
+    tag = new_tag()
+    pool = ConnectionPool(tagged(pg.dsn, tag), broker=broker.url, lease_ahead=True)
+    try:
+        conn = pool.getconn()
+        assert wait_until(lambda: pool.get_stats()["leases_requested"] == 0, 5), \
+            pool.get_stats()
+        stats = pool.get_stats()
+        assert stats["leases_held"] == 1 and broker.leased() == 1, (stats, broker.status())
+        pool.putconn(conn)
+    finally:
+        pool.close()
     assert broker.wait_leased(0, 5) == 0
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from poolbroker import protocol as p
 from poolbroker.leaseids import LeaseIds
-from poolbroker.ledger import ROTATE_AFTER, Ledger
+from poolbroker.ledger import AHEAD_CALM, ROTATE_AFTER, Ledger
 
 KEY = b"k" * 32  # the key a previous run of the broker left in its state file
 
@@ -95,6 +95,38 @@ def test_a_request_with_timeout_0_is_granted_from_room_or_refused_at_once():
     view = ledger.snapshot(0.2)["pools"]["default"]
     assert (view["waiting"], view["contended"], view["timeouts"]) == (0, False, 0)
     assert grant(ledger, C, 2, now=0.3) is None, "a request that waits still queues"
+
+
+def test_a_lease_asked_ahead_takes_only_room_to_spare_and_never_waits():
+    ledger = make({"default": 3})
+    grant(ledger, A, 1)
+    outs = ledger.acquire(A, rid=2, pool="default", timeout=10.0, now=0.1, ahead=True)
+    assert ops(outs, "grant"), "two slots free: one may be spared"
+    outs = ledger.acquire(B, rid=1, pool="default", timeout=10.0, now=0.2, ahead=True)
+    assert [(cid, f["code"]) for cid, f in ops(outs, "error")] == [(B, p.E_TIMEOUT)]
+    assert "to spare" in ops(outs, "error")[0][1]["message"]
+    assert not ops(outs, "recall")
+    view = ledger.snapshot(0.2)["pools"]["default"]
+    assert (view["leased"], view["waiting"], view["contended"]) == (2, 0, False)
+    assert grant(ledger, B, 2, now=0.3) is not None, "the last slot goes to one who needs it"
+
+
+def test_no_lease_is_spared_where_a_request_had_to_wait_lately():
+    ledger = make({"default": 4}, ttl=60.0)
+    first = grant(ledger, A, 1)
+    for rid in (2, 3, 4):
+        grant(ledger, A, rid)
+    assert grant(ledger, B, 1, now=1.0) is None, "the pool is full: B waits"
+    ledger.release(A, lease=first, now=1.1)  # B is served; then A gives back two more
+    for lease in list(ledger.clients[A].leases)[:2]:
+        ledger.release(A, lease=lease, now=1.2)
+    calm = 1.0 + AHEAD_CALM
+    ledger.tick(calm - 0.1)  # past CONTENTION_LINGER: the pool is no longer contended
+    assert not ledger.snapshot(calm - 0.1)["pools"]["default"]["contended"]
+    outs = ledger.acquire(C, rid=1, pool="default", timeout=0.0, now=calm - 0.1, ahead=True)
+    assert ops(outs, "error") and not ops(outs, "grant"), "two slots free, but B waited lately"
+    outs = ledger.acquire(C, rid=2, pool="default", timeout=0.0, now=calm + 0.1, ahead=True)
+    assert ops(outs, "grant"), "calm for AHEAD_CALM: a slot may be spared again"
 
 
 def test_release_goes_to_the_oldest_waiter():

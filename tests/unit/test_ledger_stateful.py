@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from poolbroker import protocol as p
-from poolbroker.ledger import Ledger
+from poolbroker.ledger import AHEAD_CALM, Ledger
 
 POOLS = {"a": 3, "b": 1}
 CLIENTS = [b"c1", b"c2", b"c3", b"c4"]
@@ -48,14 +48,22 @@ class LedgerMachine(RuleBasedStateMachine):
         self.known.add(c)
 
     @rule(c=st.sampled_from(CLIENTS), pool=st.sampled_from(sorted(POOLS)),
-          timeout=st.one_of(st.just(0.0), st.floats(0.1, 10)))
-    def acquire(self, c, pool, timeout):
+          timeout=st.one_of(st.just(0.0), st.floats(0.1, 10)), ahead=st.booleans())
+    def acquire(self, c, pool, timeout, ahead):
         self.rid += 1
         if c in self.ledger.clients:
             self.waiting[c].add(self.rid)
-        self.apply(self.ledger.acquire(c, rid=self.rid, pool=pool, timeout=timeout, now=self.now))
-        if timeout == 0:
-            assert self.rid not in self.waiting[c], "a request with timeout 0 was queued"
+        before = self.ledger.leased(pool)
+        queued_at = self.ledger.pools[pool].queued_at
+        outs = self.ledger.acquire(c, rid=self.rid, pool=pool, timeout=timeout, now=self.now,
+                                   ahead=ahead)
+        self.apply(outs)
+        if timeout == 0 or ahead:
+            assert self.rid not in self.waiting[c], "a request that may not wait was queued"
+        if ahead and any(op == "grant" for _, op, _ in outs):
+            assert before + 1 < self.ledger.pools[pool].max, "a spare took the last free slot"
+            assert queued_at is None or self.now - queued_at >= AHEAD_CALM, \
+                "a spare was granted where a request waited lately"
 
     @rule(c=st.sampled_from(CLIENTS), data=st.data())
     def release(self, c, data):

@@ -136,6 +136,9 @@ def test_optional_fields_are_validated_when_present():
             p.decode(p.encode("connected", lease=1, backend_pid=2, **bad))
     with pytest.raises(p.ProtocolError):
         p.decode(p.encode("heartbeat", idle={}, leases=[], rid=-1))
+    assert p.decode(p.encode("acquire", rid=1, pool="a", timeout=0.0, ahead=True))["ahead"]
+    with pytest.raises(p.ProtocolError):
+        p.decode(p.encode("acquire", rid=1, pool="a", timeout=0.0, ahead="yes"))
 
 
 @pytest.mark.parametrize("busy", [[[1, -1.0]], [[1]], [["x", 1.0]], [[1, float("nan")]],

@@ -24,8 +24,10 @@ shell that feeds it frames and timer ticks. This is where every rule lives:
 * **contention**: while requests wait, clients are told the pool is
   *contended*; they give back connections that stay idle longer than a move
   costs (see ``docs/lease-policy.md``). The flag lingers ``CONTENTION_LINGER``
-  seconds after the queue empties, so a queue that empties and refills does not
-  cost a message per client each time;
+  seconds after the queue empties while the pool stays full, so a queue that
+  empties and refills does not cost a message per client each time; it ends at
+  once when nobody waits and a slot is free (a connection given back then would
+  go to nobody);
 * **expire**: a client not heard from for ``ttl`` seconds loses its leases and its
   queued requests; a waiter past its deadline gets a ``timeout`` error;
 * **cancel**: a request nobody waits for any more leaves the queue;
@@ -59,7 +61,7 @@ log = logging.getLogger("poolbroker")
 ClientId = bytes
 Out = Tuple[ClientId, str, Dict[str, Any]]
 
-#: Seconds a pool stays contended after its queue has emptied.
+#: Seconds a full pool stays contended after its queue has emptied.
 CONTENTION_LINGER = 1.0
 #: Seconds after a request last had to wait in a pool before a lease asked ahead
 #: of need is granted there again: where demand came near the budget lately, a
@@ -194,7 +196,8 @@ class Pool:
     leases: Dict[int, Lease] = field(default_factory=dict)
     # FIFO of waiters keyed by (client, rid); OrderedDict gives O(1) removal.
     queue: "OrderedDict[Tuple[ClientId, int], Waiter]" = field(default_factory=OrderedDict)
-    contended: bool = False  # requests wait (or did, less than CONTENTION_LINGER ago)
+    # requests wait (or did, less than CONTENTION_LINGER ago, and no slot is free)
+    contended: bool = False
     quiet_since: Optional[float] = None  # when the queue last emptied while contended
     queued_at: Optional[float] = None  # when a request last had to wait here
     # per client holding or wanting leases here, kept up to date on every change
@@ -1017,6 +1020,12 @@ class Ledger:
             outs.append(self._grant(pool, client, waiter.rid, now, waited=now - waiter.since))
         if pool.queue:
             pool.contended, pool.quiet_since = True, None
+        elif pool.contended and len(pool.leases) < pool.max:
+            # nobody waits and a slot is free: the next request is granted at
+            # once, so an idle connection given back now would go to nobody (and
+            # its pool would have to ask for it again: the churn the linger kept
+            # up for a second after every wait)
+            pool.contended, pool.quiet_since = False, None
         elif pool.contended and pool.quiet_since is None:
             pool.quiet_since = now
         wanted = self._recall_targets(pool, now)

@@ -234,6 +234,27 @@ def test_idle_holders_are_recalled_when_someone_waits():
     assert asked(outs) == {A: 0}
 
 
+def test_contention_ends_at_once_when_nobody_waits_and_a_slot_is_free():
+    """Four clients each holding one lease of four; a fifth waits, is served,
+    and leaves. With its slot free and nobody waiting, the holders hear at once
+    that the pool is no longer contended (else, for CONTENTION_LINGER, each would
+    give back its idle connection between uses and ask for it again)."""
+    ledger = make({"default": 4}, ttl=60.0)
+    D, E = b"d", b"e"
+    for cid in (D, E):
+        ledger.hello(cid, pid=1, host="h", now=0.0)
+    held = {cid: grant(ledger, cid, 1) for cid in (A, B, C, D)}
+    assert grant(ledger, E, 1, now=1.0) is None
+    outs = ledger.release(A, lease=held[A], now=1.1)  # E is served: the pool is full
+    assert [cid for cid, _ in ops(outs, "grant")] == [E]
+    assert ledger.snapshot(1.1)["pools"]["default"]["contended"], "full, a wait just now"
+    e_lease = next(iter(ledger.clients[E].leases))
+    outs = ledger.release(E, lease=e_lease, now=1.2)
+    assert not ledger.snapshot(1.2)["pools"]["default"]["contended"]
+    told = {cid: f["contended"] for cid, f in ops(outs, "recall")}
+    assert told and not any(told.values()) and {B, C, D} <= set(told), told
+
+
 def test_idle_connections_of_a_waiting_client_are_recalled_too():
     # one process, two local pools on the same budget: one keeps an idle
     # connection warm while the other waits; only a recall moves it

@@ -120,7 +120,8 @@ class _Base(Configured):
                  close_returns: bool, timeout: float, max_waiting: int, max_lifetime: float,
                  max_idle: float, reconnect_timeout: float, reconnect_failed: Any,
                  num_workers: int, broker: Optional[str], pool: Optional[str],
-                 core_configure: Any = None, core_reset: Any = None) -> None:
+                 lease_ahead: bool = False, core_configure: Any = None,
+                 core_reset: Any = None) -> None:
         min_size, max_size = self._check_size(min_size, max_size)
         self.conninfo = conninfo
         self.kwargs = kwargs
@@ -142,7 +143,8 @@ class _Base(Configured):
             timeout=timeout, max_idle=max_idle, max_lifetime=max_lifetime,
             configure=core_configure, reset=core_reset, name=self.name, open=False,
             max_waiting=max_waiting, reconnect_timeout=reconnect_timeout,
-            reconnect_failed=lambda _core: self._call_reconnect_failed())
+            reconnect_failed=lambda _core: self._call_reconnect_failed(),
+            lease_ahead=lease_ahead)
         if open is None:
             open = self._open_implicit = True
         self._open_at_init = open
@@ -276,8 +278,8 @@ class _Base(Configured):
 
 class ConnectionPool(_Base, Generic[CT]):
     """psycopg_pool's ``ConnectionPool``, with every connection inside a lease of
-    the broker's budget. Arguments as psycopg_pool 3.3's, plus ``broker`` and
-    ``pool``."""
+    the broker's budget. Arguments as psycopg_pool 3.3's, plus ``broker``,
+    ``pool`` and ``lease_ahead`` (see :class:`poolbroker_client.ConnectionPool`)."""
 
     def __init__(
         self,
@@ -302,6 +304,7 @@ class ConnectionPool(_Base, Generic[CT]):
         num_workers: int = 3,
         broker: Optional[str] = None,
         pool: Optional[str] = None,
+        lease_ahead: bool = False,
     ) -> None:
         super().__init__(
             conninfo, connector=PsycopgConnector(connection_class), kwargs=kwargs,
@@ -310,7 +313,7 @@ class ConnectionPool(_Base, Generic[CT]):
             timeout=timeout, max_waiting=max_waiting, max_lifetime=max_lifetime,
             max_idle=max_idle, reconnect_timeout=reconnect_timeout,
             reconnect_failed=reconnect_failed, num_workers=num_workers, broker=broker,
-            pool=pool, core_configure=configure, core_reset=reset)
+            pool=pool, lease_ahead=lease_ahead, core_configure=configure, core_reset=reset)
         if self._open_at_init:
             self._open()
 
@@ -489,7 +492,7 @@ class AsyncConnectionPool(_Base, Generic[ACT]):
     """psycopg_pool's ``AsyncConnectionPool``, with every connection inside a
     lease of the broker's budget. Arguments as psycopg_pool 3.3's (``configure``,
     ``check``, ``reset`` and ``reconnect_failed`` are coroutine functions), plus
-    ``broker`` and ``pool``. Waiting never blocks the event loop."""
+    ``broker``, ``pool`` and ``lease_ahead``. Waiting never blocks the event loop."""
 
     def __init__(
         self,
@@ -514,6 +517,7 @@ class AsyncConnectionPool(_Base, Generic[ACT]):
         num_workers: int = 3,
         broker: Optional[str] = None,
         pool: Optional[str] = None,
+        lease_ahead: bool = False,
     ) -> None:
         connector: AsyncPsycopgConnector[ACT] = AsyncPsycopgConnector(connection_class)
         super().__init__(
@@ -522,7 +526,7 @@ class AsyncConnectionPool(_Base, Generic[ACT]):
             name=name, close_returns=close_returns, timeout=timeout,
             max_waiting=max_waiting, max_lifetime=max_lifetime, max_idle=max_idle,
             reconnect_timeout=reconnect_timeout, reconnect_failed=reconnect_failed,
-            num_workers=num_workers, broker=broker, pool=pool,
+            num_workers=num_workers, broker=broker, pool=pool, lease_ahead=lease_ahead,
             # the janitor thread opens connections for min_size: it runs configure
             # in the pool's loop and waits for it there
             core_configure=None if configure is None else self._configure_from_thread)

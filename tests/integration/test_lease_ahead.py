@@ -1,8 +1,8 @@
 """The lease a pool asks for ahead of need (``lease_ahead=True``): a burst of
 callers finding no idle connection waits for the broker once, not once each; the
 spare slot stays inside the budget and goes back as soon as someone else needs
-it, or when the pool closes. Off by default. Real broker, real server, real
-worker processes."""
+it, or when the pool closes. Off by default; ConnectionPool and the psycopg 3
+drop-ins take it. Real broker, real server, real worker processes."""
 
 import time
 
@@ -129,3 +129,40 @@ def test_no_lease_is_asked_ahead_while_others_wait_in_the_pool(pg, broker_factor
     assert hog_result["errors"] == 0 and hog_result["timeouts"] == 0, hog_result
     assert stats["leases_ahead"] == 0 and stats["requests_queued"] == 5, stats
     assert sampler.max[tag] <= 2
+
+
+def test_the_psycopg_pool_drop_ins_ask_ahead_when_told(pg, broker_factory):
+    """``lease_ahead=True`` on the psycopg 3 drop-ins (sync and async): a burst of
+    cold getconns takes the spare lease as ConnectionPool's does; by default
+    nothing is asked ahead."""
+    import asyncio
+
+    from poolbroker_client.compat import psycopg_pool as compat
+
+    broker = broker_factory({"default": 6})
+    tag = new_tag()
+    dsn = tagged(pg.dsn, tag)
+
+    def burst(ahead):
+        with compat.ConnectionPool(dsn, broker=broker.url, min_size=0, max_size=6,
+                                   max_lifetime=0.0, lease_ahead=ahead) as pool:
+            for _ in range(10):
+                with pool.connection() as conn:
+                    conn.execute("SELECT 1")
+            return pool.get_stats()
+
+    async def aburst():
+        async with compat.AsyncConnectionPool(dsn, broker=broker.url, min_size=0, max_size=6,
+                                              max_lifetime=0.0, lease_ahead=True) as pool:
+            for _ in range(10):
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+            return pool.get_stats()
+
+    with Sampler(pg.dsn, [tag]) as sampler:
+        ahead, default, async_ahead = burst(True), burst(False), asyncio.run(aburst())
+    assert ahead.get("leases_ahead", 0) >= 5, ahead
+    assert default.get("leases_ahead", 0) == 0, default
+    assert async_ahead.get("leases_ahead", 0) >= 5, async_ahead
+    assert sampler.max[tag] <= 6
+    assert broker.wait_leased(0, 5) == 0

@@ -364,8 +364,8 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
     time.sleep(0.5)  # exited backends report their sessions
     connects = sessions(admin_dsn, dbname) - sessions_before
     errors = [e for r in results for e in r["errors"]]
-    heavy = [r for r, s in zip(results, specs) if not s["light"]]
-    light = [r for r, s in zip(results, specs) if s["light"]]
+    heavy_runs = [r for r, s in zip(results, specs) if not s["light"]]
+    light_runs = [r for r, s in zip(results, specs) if s["light"]]
     tx = sum(len(r["latencies"]) for r in results)
     row: Dict[str, Any] = {
         "mode": mode, "load": load, "tx": tx, "tx_s": tx / args.seconds,
@@ -381,7 +381,7 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
         "broker_cpu": (cpu_after - cpu_before) / args.seconds,
         "errors": errors,
     }
-    for label, group in (("", heavy), ("light_", light)):
+    for label, group in (("", heavy_runs), ("light_", light_runs)):
         if not group:
             continue
         waits = [w for r in group for w in r["waits"]]
@@ -391,7 +391,7 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
         row[label + "lat_p50_ms"] = percentile(lat, 0.50) * 1000
         row[label + "lat_p99_ms"] = percentile(lat, 0.99) * 1000
         row[label + "tx"] = len(lat)
-    counts = [n for r in heavy for n in r["per_thread"]]
+    counts = [n for r in heavy_runs for n in r["per_thread"]]
     row["thread_tx_min"], row["thread_tx_max"] = min(counts), max(counts)
     return row
 

@@ -287,7 +287,10 @@ def idle_fleet(holders: int, leases: int, window: float, profile: bool) -> Dict[
     if profile and os.path.exists(prof):
         out["profile"] = _profile_text(prof)
     out["anchor_cpu_share"] = idle_anchor(holders, leases, window)
-    out["ratio"] = out["cpu_share"] / out["anchor_cpu_share"]
+    # /proc counts CPU in clock ticks (10 ms): a small fleet over a short window
+    # may show none at all, and then there is no ratio
+    anchor = out["anchor_cpu_share"]
+    out["ratio"] = out["cpu_share"] / anchor if anchor > 0 else float("nan")
     return out
 
 
@@ -400,8 +403,10 @@ def main() -> int:
               f"(all held after {r['start_s']}s), over {args.window:g}s:")
         print(f"  broker CPU {r['cpu_share'] * 100:.2f}% of a core, RSS {r['rss_mb']:.1f} MB; "
               f"status {r['status_ms_p50']:.1f} ms median, {r['status_ms_max']:.1f} ms worst")
+        ratio = "no ratio: too little CPU to measure" if r["ratio"] != r["ratio"] \
+            else f"the broker {r['ratio']:.2f}x that"
         print(f"  a bare pyzmq ROUTER receiving the same heartbeats: "
-              f"{r['anchor_cpu_share'] * 100:.2f}% of a core; the broker {r['ratio']:.2f}x that")
+              f"{r['anchor_cpu_share'] * 100:.2f}% of a core; {ratio}")
         if "profile" in r:
             print("\nbroker profile (by own time):\n" + r["profile"])
     if "flat" in parts:

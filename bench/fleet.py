@@ -396,6 +396,17 @@ def run_fleet(mode: str, load: str, dsn: str, admin_dsn: str, dbname: str, args:
     return row
 
 
+def without_nan(value: Any) -> Any:
+    """``value`` with every NaN float, however deep in lists and dicts, as None."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nan(v) for v in value]
+    return value
+
+
 def medians(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per (load, mode): its run of median tx/s (the lower of the two
     middle ones for an even count), with every run's tx/s in ``tx_s_runs``."""
@@ -591,8 +602,10 @@ def main() -> int:
     with open(os.path.join(args.out, "fleet.md"), "w") as fh:
         fh.write(f"Machine: {machine}\n{text}\n" + "".join(f"\n{n}\n" for n in notes))
     with open(os.path.join(args.out, "fleet.json"), "w") as fh:
-        json.dump({"machine": machine, "rows": rows, "runs": runs, "notes": notes}, fh,
-                  indent=1)
+        # a figure a mode does not have (no broker, no sample) is NaN here and
+        # null in the file: NaN is not JSON, and strict readers refuse it
+        json.dump(without_nan({"machine": machine, "rows": rows, "runs": runs,
+                               "notes": notes}), fh, indent=1, allow_nan=False)
     why = chart(rows, os.path.join(args.out, "fleet.png"), machine)
     if why:
         notes.append(why)

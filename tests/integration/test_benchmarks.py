@@ -9,7 +9,6 @@ samples ``pg_stat_activity`` itself and exits 1 if it did)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -53,7 +52,8 @@ def test_the_fleet_benchmark_writes_its_table_and_keeps_the_budget(tmp_path):
                      "--processes", "2", "--threads", "3",
                      "--modes", "static,poolbroker,alone", "--out", str(results)])
     assert "BUDGET EXCEEDED" not in out, out
-    report = json.loads((results / "fleet.json").read_text())
+    report = json.loads((results / "fleet.json").read_text(),  # strict: no NaN
+                        parse_constant=lambda name: pytest.fail(f"{name} in fleet.json"))
     runs = {(r["mode"], r["load"]) for r in report["runs"]}
     assert runs == {("static", "uniform"), ("poolbroker", "uniform"), ("static", "skewed"),
                     ("poolbroker", "skewed"), ("alone", "skewed")}, runs
@@ -62,7 +62,6 @@ def test_the_fleet_benchmark_writes_its_table_and_keeps_the_budget(tmp_path):
         assert run["tx"] > 0, f"{run['mode']}/{run['load']} made no transaction"
         assert run["samples"] > 0, "pg_stat_activity must have been sampled"
         assert run["max_server"] <= 2, run
-        assert not math.isnan(run["tx_s"])
     table = (results / "fleet.md").read_text()
     assert "| poolbroker |" in table and "vs static" in table, table
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import List
@@ -23,11 +24,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run_bench(args: List[str], timeout: float = 240) -> str:
     """``python -m bench...`` from the root; its output (stdout and stderr), or a
-    failure that shows it."""
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, timeout=timeout,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}"
-    return proc.stdout
+    failure that shows it. On a timeout the benchmark's whole process group goes
+    (its broker and worker processes with it)."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)} did not finish in {timeout:g}s:\n{out}")
+    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{out}"
+    return out
 
 
 def test_the_micro_benchmark_runs_and_compares_with_every_anchor():

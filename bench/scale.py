@@ -290,7 +290,7 @@ def idle_fleet(holders: int, leases: int, window: float, profile: bool) -> Dict[
     # /proc counts CPU in clock ticks (10 ms): a small fleet over a short window
     # may show none at all, and then there is no ratio
     anchor = out["anchor_cpu_share"]
-    out["ratio"] = out["cpu_share"] / anchor if anchor > 0 else float("nan")
+    out["ratio"] = out["cpu_share"] / anchor if anchor > 0 else None
     return out
 
 
@@ -403,7 +403,7 @@ def main() -> int:
               f"(all held after {r['start_s']}s), over {args.window:g}s:")
         print(f"  broker CPU {r['cpu_share'] * 100:.2f}% of a core, RSS {r['rss_mb']:.1f} MB; "
               f"status {r['status_ms_p50']:.1f} ms median, {r['status_ms_max']:.1f} ms worst")
-        ratio = "no ratio: too little CPU to measure" if r["ratio"] != r["ratio"] \
+        ratio = "no ratio: too little CPU to measure" if r["ratio"] is None \
             else f"the broker {r['ratio']:.2f}x that"
         print(f"  a bare pyzmq ROUTER receiving the same heartbeats: "
               f"{r['anchor_cpu_share'] * 100:.2f}% of a core; {ratio}")

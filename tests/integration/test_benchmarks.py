@@ -31,7 +31,10 @@ def run_bench(args: List[str], timeout: float = 240) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
         out, _ = proc.communicate()
         pytest.fail(f"{' '.join(args)} did not finish in {timeout:g}s:\n{out}")
     assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{out}"
